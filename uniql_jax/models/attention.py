@@ -63,34 +63,34 @@ class Attention(nnx.Module):
         dt = h.dtype
         out = {}
         if blk.qk_pairs:
-            q = wdot("btd,dkgcp->btkgcp", h, self.q.value, impl)
-            k = wdot("btd,dkcp->btkcp", h, self.k.value, impl)
+            q = wdot("btd,dkgcp->btkgcp", h, self.q.get_value(), impl)
+            k = wdot("btd,dkcp->btkcp", h, self.k.get_value(), impl)
             if cfg.attention_bias:
-                q, k = q + self.q_bias.value.astype(dt), k + self.k_bias.value.astype(dt)
+                q, k = q + self.q_bias.get_value().astype(dt), k + self.k_bias.get_value().astype(dt)
             if mask is not None:
                 m = keep_mask(blk.qk_pairs, mask["qk_pairs"], dt)
                 q, k = q * m, k * m  # the same pairs of both halves: pair-consistent
             inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, rope_scaling_dict(cfg))
-            cos, sin = rope_angles(positions, inv_freq, self.pair_index.value)
+            cos, sin = rope_angles(positions, inv_freq, self.pair_index.get_value())
             if impl == "pallas":
                 from pallas_kernels.rope import api as rope_api
 
-                q, k = rope_api.rope(q, k, positions, self.pair_index.value, inv_freq, implementation="pallas")
+                q, k = rope_api.rope(q, k, positions, self.pair_index.get_value(), inv_freq, implementation="pallas")
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out["q"], out["k"] = q, k
         if blk.qk_pass:
-            qp = wdot("btd,dkge->btkge", h, self.q_pass.value, impl)
-            kp = wdot("btd,dke->btke", h, self.k_pass.value, impl)
+            qp = wdot("btd,dkge->btkge", h, self.q_pass.get_value(), impl)
+            kp = wdot("btd,dke->btke", h, self.k_pass.get_value(), impl)
             if cfg.attention_bias:
-                qp, kp = qp + self.q_pass_bias.value.astype(dt), kp + self.k_pass_bias.value.astype(dt)
+                qp, kp = qp + self.q_pass_bias.get_value().astype(dt), kp + self.k_pass_bias.get_value().astype(dt)
             if mask is not None:
                 m = keep_mask(blk.qk_pass, mask["qk_pass"], dt)
                 qp, kp = qp * m, kp * m
             out["q_pass"], out["k_pass"] = qp, kp
-        v = wdot("btd,dkr->btkr", h, self.v.value, impl)
+        v = wdot("btd,dkr->btkr", h, self.v.get_value(), impl)
         if cfg.attention_bias:
-            v = v + self.v_bias.value.astype(dt)
+            v = v + self.v_bias.get_value().astype(dt)
         if mask is not None:
             v = v * keep_mask(blk.vo_rank, mask["vo_rank"], dt)
         out["v"] = v
@@ -99,7 +99,7 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache=None, mask=None, impl="xla"):
         """x [B, T, D] residual stream; positions [B, T]. Returns (update [B, T, D], cache)."""
         cfg, blk = self.cfg, self.blk
-        h = rms_norm(x, self.norm.value, cfg.rms_norm_eps)
+        h = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
         cur = self.project(h, positions, mask, impl)
         if cache is None:
             keys = {n: cur[n] for n in ("k", "k_pass", "v") if n in cur}
@@ -112,9 +112,9 @@ class Attention(nnx.Module):
             S = keys["v"].shape[1]
             key_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (x.shape[0], S))
         y = attend(cfg, cur, keys, positions, key_pos)
-        y = wdot("btkgr,kgrd->btd", y, self.o.value, impl)
+        y = wdot("btkgr,kgrd->btd", y, self.o.get_value(), impl)
         if cfg.attention_bias:
-            y = y + self.o_bias.value.astype(y.dtype)
+            y = y + self.o_bias.get_value().astype(y.dtype)
         return y, cache
 
 

@@ -33,9 +33,9 @@ class MLP(nnx.Module):
         self.down = nnx.Param(dense_init(rngs, (F, D), F, dtype))
 
     def __call__(self, x, positions=None, cache=None, mask=None, impl="xla"):
-        h = rms_norm(x, self.norm.value, self.cfg.rms_norm_eps)
-        gate = self.gate.value if self.cfg.mlp_activation == "silu_gated" else None
-        a = activation(self.cfg, h, gate, self.up.value, impl)
+        h = rms_norm(x, self.norm.get_value(), self.cfg.rms_norm_eps)
+        gate = self.gate.get_value() if self.cfg.mlp_activation == "silu_gated" else None
+        a = activation(self.cfg, h, gate, self.up.get_value(), impl)
         if mask is not None:
             a = a * keep_mask(self.blk.width, mask["width"], a.dtype)
-        return wdot("btf,fd->btd", a, self.down.value, impl), cache
+        return wdot("btf,fd->btd", a, self.down.get_value(), impl), cache

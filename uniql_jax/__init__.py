@@ -1,0 +1,14 @@
+"""uniql-jax: compress an LLM once into a 4-bit checkpoint prunable at load time (UniQL in JAX).
+
+The public API of ../shared/spec/API.md; re-exports only.
+"""
+
+from uniql_jax.config import ARCHS, AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from uniql_jax.inference import decode_step, forward, generate
+from uniql_jax.models.cache import init_cache
+from uniql_jax.models.stacks import init_params
+
+__all__ = [
+    "ARCHS", "AttentionBlock", "MLPBlock", "Mamba2Block", "ModelConfig",
+    "forward", "decode_step", "generate", "init_cache", "init_params",
+]
