@@ -1,0 +1,68 @@
+"""Elastic pruning: slice every sorted dimension to the leading part a rate keeps.
+
+Every prunable axis is its own array axis and sorting puts the most important
+channels first, so the model a rate keeps is, weight by weight, a leading box of
+the full arrays. The target shapes come from the smaller config itself (an
+abstract model built from it), so there is one source of truth for layouts.
+Packed quantized weights are sliced in their packed form (codes and scales only,
+never re-quantized).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from uniql_jax.config import ModelConfig
+from uniql_jax.models.stacks import init_params
+from uniql_jax.quant import qarray
+
+PACKED_SLICERS = {qarray.QArray: qarray.slice_leading}
+try:  # binary-coding weights of the UniQuan quantizer
+    from uniql_jax.quant import bcq
+
+    PACKED_SLICERS[bcq.BCQArray] = bcq.slice_leading
+except (ImportError, AttributeError):  # pragma: no cover - during bring-up only
+    pass
+
+
+def is_packed(x) -> bool:
+    return type(x) in PACKED_SLICERS
+
+
+def slice_box(leaf, shape: tuple[int, ...]):
+    """The leading box of `leaf` with the given (smaller or equal) shape."""
+    if tuple(leaf.shape) == tuple(shape):
+        return leaf
+    if len(leaf.shape) != len(shape) or any(n > m for n, m in zip(shape, leaf.shape)):
+        raise ValueError(f"cannot slice an array of shape {tuple(leaf.shape)} to {tuple(shape)}")
+    if is_packed(leaf):
+        for axis, n in enumerate(shape):
+            leaf = PACKED_SLICERS[type(leaf)](leaf, axis, n)
+        return leaf
+    return leaf[tuple(slice(0, n) for n in shape)]
+
+
+def abstract_params(cfg: ModelConfig, dtype=None):
+    """Shapes of the params of `cfg` without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
+def slice_to_config(small: ModelConfig, params: dict) -> dict:
+    """Params of a sorted model sliced to the (smaller) per-block sizes of `small`."""
+    target = abstract_params(small)
+    return jax.tree.map(lambda t, x: slice_box(x, t.shape), target, params, is_leaf=lambda x: is_packed(x))
+
+
+def lookup_rate(table: dict, rate: float) -> tuple:
+    """The per-block sizes stored for `rate` (exact match up to float noise)."""
+    for r, blocks in table.items():
+        if abs(float(r) - float(rate)) < 1e-6:
+            return blocks
+    stored = ", ".join(f"{float(r):g}" for r in sorted(table))
+    raise KeyError(f"rate {rate:g} is not in the table (stored rates: {stored})")
+
+
+def prune(cfg: ModelConfig, params: dict, rate: float, table: dict) -> tuple[ModelConfig, dict]:
+    """(cfg, params) of the sorted model at `rate`: a smaller config and its leading-box params."""
+    small = cfg.with_blocks(lookup_rate(table, rate))
+    return small, slice_to_config(small, params)
