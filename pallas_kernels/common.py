@@ -1,0 +1,75 @@
+"""Helpers shared by every kernel folder: dispatch defaults, block-size rules, GPU lowering.
+
+All kernels here are written for the Pallas *Triton* GPU backend (``pl.pallas_call`` with
+``plt.CompilerParams``), which is also what ``interpret=True`` executes on CPU. Two Triton
+rules shape every kernel:
+
+* every array a kernel loads or stores must have a power-of-two number of elements, so
+  odd or pruned sizes (5 RoPE pairs, 7 query heads, N = 200 columns) are covered by a
+  power-of-two block and the tail is masked (``plt.load(..., mask, other)`` / ``plt.store(..., mask)``);
+* Triton does not clip blocks at array edges (the pointer just runs past the end), and the
+  interpreter pads edge blocks with NaN, so *every* edge load and store must be masked.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+# The custom-call target of Pallas Triton kernels; `jax.export` refuses it unless told
+# (the kernel IR is not covered by export's compatibility guarantees).
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> interpret everywhere but on a GPU (Pallas cannot compile kernels for CPU)."""
+    return (not on_gpu()) if interpret is None else bool(interpret)
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def triton_params(num_warps: int = 4, num_stages: int = 2) -> plt.CompilerParams:
+    """Selects the Triton lowering (jax 0.10 would otherwise pick Mosaic GPU on CUDA)."""
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def lane_mask(start, size: int, limit: int):
+    """[size] bool: which of the indices start, start+1, ... start+size-1 are < limit."""
+    return start + jax.lax.iota("int32", size) < limit
+
+
+def export_for_cuda(fn, *args_or_shapes):
+    """`jax.export` of `jax.jit(fn)` for platform cuda, on any host (no GPU needed).
+
+    Succeeds only if every pallas_call inside lowers to Triton IR; returns the Exported.
+    """
+    return jax.export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)],
+    )(*args_or_shapes)
+
+
+__all__ = [
+    "IMPLEMENTATIONS", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "check_implementation",
+    "next_pow2", "is_pow2", "triton_params", "lane_mask", "export_for_cuda",
+]
