@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.testing import assert_close, bf16_round, jit_fast, poisoned_like
+from pallas_kernels import tiling
 from pallas_kernels.w4a16 import api, kernel
 from uniql_jax.quant import qarray
 
@@ -63,8 +64,7 @@ def run(implementation, x, w, path):
     if implementation == "xla":
         return jit_fast(functools.partial(api.matmul, implementation="xla"))(x, w)
     config = kernel.default_config(x.shape[0], x.shape[1], w.shape[1], w.group_size, path)
-    out_shape = (config.k_splits, x.shape[0], w.shape[1]) if config.k_splits > 1 else (x.shape[0], w.shape[1])
-    poison = poisoned_like(jnp.zeros(out_shape, jnp.float32 if config.k_splits > 1 else x.dtype))
+    poison = poisoned_like(jnp.zeros(*tiling.partial_out_shape(config, x.shape[0], w.shape[1], x.dtype)))
     fn = jit_fast(lambda x, w, init: kernel.matmul(x, w, interpret=True, config=config, out_init=init))
     return fn(x, w, poison)
 
