@@ -141,3 +141,75 @@ def full_rank_block(cfg: ModelConfig, block: BlockConfig) -> BlockConfig:
 
 def full_rank_blocks(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
     return tuple(full_rank_block(cfg, b) for b in cfg.blocks)
+
+
+# ----- JSON (de)serialization (checkpoints) ---------------------------------
+
+BLOCK_TYPES = {cls.__dataclass_fields__["kind"].default: cls for cls in (AttentionBlock, MLPBlock, Mamba2Block)}
+
+
+def _json_value(value):
+    """Tuples -> lists, recursively (JSON has no tuples); other values unchanged."""
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _tuple_value(value):
+    """Lists -> tuples, recursively: the inverse of `_json_value` (configs are hashable)."""
+    if isinstance(value, list):
+        return tuple(_tuple_value(v) for v in value)
+    return value
+
+
+def block_to_dict(block: BlockConfig) -> dict:
+    return {f.name: getattr(block, f.name) for f in dataclasses.fields(block)}
+
+
+def block_from_dict(d: dict) -> BlockConfig:
+    """A block config from `block_to_dict` output; raises ValueError naming what is wrong."""
+    if not isinstance(d, dict) or d.get("kind") not in BLOCK_TYPES:
+        raise ValueError(f"not a block config (need 'kind' in {sorted(BLOCK_TYPES)}): {d!r}")
+    cls = BLOCK_TYPES[d["kind"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown, missing = set(d) - names, {f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "kind"}
+    if unknown or missing:
+        raise ValueError(f"{d['kind']} block: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    for name in names - {"kind"}:
+        if not isinstance(d[name], int) or isinstance(d[name], bool):
+            raise ValueError(f"{d['kind']} block field {name!r} must be an int, got {d[name]!r}")
+    return cls(**d)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """A JSON-serializable dict of every field; `config_from_dict` inverts it exactly.
+
+    Non-finite floats (``time_step_limit``'s inf) stay floats: Python's json writes
+    and reads them as ``Infinity``. ``extra`` values must be JSON values themselves.
+    """
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "blocks":
+            out[f.name] = [block_to_dict(b) for b in value]
+        else:
+            out[f.name] = _json_value(value)
+    return out
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `config_to_dict`; raises ValueError on unknown, missing or ill-typed fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a model config must be a dict, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if required - set(d):
+        raise ValueError(f"missing model config fields: {sorted(required - set(d))}")
+    if not isinstance(d["blocks"], list):
+        raise ValueError("model config field 'blocks' must be a list")
+    kw = {name: _tuple_value(value) for name, value in d.items() if name != "blocks"}
+    kw["blocks"] = tuple(block_from_dict(b) for b in d["blocks"])
+    return ModelConfig(**kw)
