@@ -1,0 +1,30 @@
+"""BCQ matmul: dispatch between the XLA reference and the Pallas kernels."""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.bcq import kernel, reference
+from pallas_kernels.common import check_implementation, resolve_interpret
+from uniql_jax.quant.bcq import BCQArray
+
+
+def matmul(x: jax.Array, w: BCQArray, *, implementation: str = "xla", interpret: bool | None = None,
+           path: str | None = None, **kernel_options) -> jax.Array:
+    """x [M, Kin] @ w -> [M, N] in x.dtype with float32 accumulation.
+
+    w: `BCQArray` of logical shape (Kin, N) along axis 0 (k bit-planes, per-group alpha, offset).
+    implementation: "xla" (dequantize then dot) or "pallas".
+    path (pallas): "lut" (table-lookup GEMV, batch 1), "gemv" / "tiled" (dequantize in the
+      kernel); None picks "lut" for M = 1, "gemv" for M <= 16, "tiled" above. Products the
+      chosen kernel cannot take (group size not a power of two, Kin too small) use the reference.
+    interpret: Pallas interpret mode; None -> True unless running on a GPU.
+    kernel_options: `config` (kernel.Config or kernel.LutConfig), pallas only.
+    """
+    if check_implementation(implementation) == "pallas":
+        path = path or kernel.auto_path(x.shape[0])
+        if kernel.unsupported_reason(x.shape, w, path) is None:
+            if path == "lut":
+                return kernel.matmul_lut(x, w, interpret=resolve_interpret(interpret), **kernel_options)
+            return kernel.matmul_dequant(x, w, interpret=resolve_interpret(interpret), path=path, **kernel_options)
+    return reference.matmul(x, w)
