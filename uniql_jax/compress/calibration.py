@@ -1,0 +1,147 @@
+"""Layer-by-layer calibration driver (spec/UNIQL.md, stages 1 and 2).
+
+The model runs block by block over calibration windows (int32 [N, T], real tokens,
+no padding — defect 5 of the reference code). The residual stream of all windows
+is kept on the host ([N, T, D] float32); each block then streams it in batches,
+so accelerator memory is bounded by one batch through one block. For every
+batch a jitted, data-parallel step computes the block's update and its
+statistics; statistics are sums in float32, reduced across the devices of a
+`data` mesh with `psum` (exact, so results do not depend on the device count).
+
+A *collector* says what a block kind contributes:
+
+    collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> stats pytree (sums over tokens)
+
+where `w_B` weighs each window (0 for the padding rows added so a batch divides
+the device count). After a block's batches the driver calls
+`on_block(i, blk, stats)`, then moves on with the block's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from uniql_jax.config import BlockConfig, ModelConfig
+from uniql_jax.eval import data_mesh
+from uniql_jax.models.stacks import BLOCK_MODULES, embed_lookup
+
+F32 = jnp.float32
+
+
+@functools.lru_cache(maxsize=256)
+def block_graphdef(cfg: ModelConfig, blk: BlockConfig):
+    """The NNX graph of one block of `cfg` (abstract: nothing materialized)."""
+    module = nnx.eval_shape(lambda: BLOCK_MODULES[blk.kind](cfg, blk, rngs=nnx.Rngs(0)))
+    return nnx.split(module)[0]
+
+
+def bind_block(cfg: ModelConfig, blk: BlockConfig, block_params: dict):
+    """A block module whose weights are `block_params` (one entry of params["blocks"])."""
+    return nnx.merge(block_graphdef(cfg, blk), block_params)
+
+
+def no_stats(cfg, blk, module, x_BxTxD, positions_BxT, w_B):
+    """A collector that gathers nothing (propagation only)."""
+    return {}
+
+
+def weighted_rows(u, w_B):
+    """u [B, T, ...] scaled by √w per window, so that Σ (√w u)ᵀ(√w u) = Σ w uᵀu."""
+    return u * jnp.sqrt(w_B).reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_step(cfg: ModelConfig, blk: BlockConfig, collect: Callable, mesh):
+    """jit(shard_map(one batch through one block)): (params, x, w) -> (stats psum'ed, x + update)."""
+
+    def local(block_params, x_BxTxD, w_B):
+        module = bind_block(cfg, blk, block_params)
+        B, T = x_BxTxD.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        stats = collect(cfg, blk, module, x_BxTxD, positions, w_B)
+        stats = jax.tree.map(lambda s: jax.lax.psum(s.astype(F32), "data"), stats)
+        update, _ = module(x_BxTxD, positions, None, None, "xla")
+        return stats, x_BxTxD + update.astype(x_BxTxD.dtype)
+
+    data, rep = PartitionSpec("data"), PartitionSpec()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(rep, data, data), out_specs=(rep, data), check_vma=False)
+    return jax.jit(sharded)
+
+
+def embed_windows(cfg: ModelConfig, params: dict, calib) -> np.ndarray:
+    """Input of the first block for every window: float32 [N, T, D] on the host."""
+    tokens = np.asarray(calib, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"calibration tokens must be int32 [N, T], got shape {tokens.shape}")
+    return np.asarray(embed_lookup(params["embed"], jnp.asarray(tokens), F32))
+
+
+def as_float32(tree):
+    """Block params in float32 for calibration (packed weights left as they are)."""
+    return jax.tree.map(lambda a: a.astype(F32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Callable] | None = None,
+               on_block: Callable | None = None, *, batch_size: int = 8, mesh=None, progress: bool = True,
+               desc: str = "calibration") -> dict:
+    """Run the model block by block over `calib` (int32 [N, T]).
+
+    collectors: block kind -> collector (kinds not listed gather nothing).
+    on_block(i, blk, stats): called after block i with its summed statistics
+    (stats include "tokens", the number of tokens they sum over).
+    Returns {"last_token": float32 [n_blocks + 1, N, D] (the residual stream at the
+    last position before each block and after the last one), "timings_s": {...}}.
+    """
+    collectors = collectors or {}
+    mesh = mesh or data_mesh()
+    ndev = mesh.devices.size
+    t0 = time.perf_counter()
+    x_NxTxD = embed_windows(cfg, params, calib)
+    N = x_NxTxD.shape[0]
+    per_step = max(batch_size, ndev) // ndev * ndev
+    pad = (-N) % per_step
+    if pad:
+        x_NxTxD = np.concatenate([x_NxTxD, np.zeros((pad,) + x_NxTxD.shape[1:], np.float32)])
+    w_all = np.concatenate([np.ones(N, np.float32), np.zeros(pad, np.float32)])
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rep_sharding = NamedSharding(mesh, PartitionSpec())
+    timings = {"embed": time.perf_counter() - t0, "blocks": 0.0, "on_block": 0.0}
+    last_token = [x_NxTxD[:N, -1].copy()]
+
+    blocks = list(enumerate(cfg.blocks))
+    if progress:
+        from tqdm.auto import tqdm
+
+        blocks = tqdm(blocks, desc=desc, unit="block")
+    for i, blk in blocks:
+        t_block = time.perf_counter()
+        collect = collectors.get(blk.kind, no_stats)
+        # modules never read the layer index: one compiled step serves all blocks of equal sizes
+        step = _block_step(cfg, dataclasses.replace(blk, layer=0), collect, mesh)
+        block_params = jax.device_put(as_float32(params["blocks"][i]), rep_sharding)
+        stats = None
+        for s in range(0, len(x_NxTxD), per_step):
+            x = jax.device_put(x_NxTxD[s:s + per_step], data_sharding)
+            w = jax.device_put(w_all[s:s + per_step], data_sharding)
+            batch_stats, x_out = step(block_params, x, w)
+            stats = batch_stats if stats is None else jax.tree.map(jnp.add, stats, batch_stats)
+            x_NxTxD[s:s + per_step] = np.asarray(x_out)
+        stats = dict(stats or {})
+        stats["tokens"] = float(N * x_NxTxD.shape[1])
+        last_token.append(x_NxTxD[:N, -1].copy())
+        t_visit = time.perf_counter()
+        timings["blocks"] += t_visit - t_block
+        if on_block is not None:
+            on_block(i, blk, jax.device_get(stats))
+        timings["on_block"] += time.perf_counter() - t_visit
+    timings["total"] = time.perf_counter() - t0
+    return {"last_token": np.stack(last_token), "timings_s": timings}

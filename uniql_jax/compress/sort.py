@@ -1,0 +1,84 @@
+"""Stage 1 driver: structured weight sorting of every block (spec/UNIQL.md, Stage 1).
+
+`sort` walks the model once with the calibration driver, and right after each block's
+statistics are complete replaces that block's weights by their sorted form (MLP:
+ridge leverage; attention: RoPE-pair Q/K order and quantization-aware V/O SVD;
+Mamba2: B/C over d_state and state-aware z/x/out over head_dim; hybrids dispatch per
+block). The sorted model computes the same function, so the hidden states that feed
+the next block are those of the original model. Every prunable dimension then has
+its most important channels first: pruning keeps a leading slice (`prune.prune`).
+
+`baseline_order` reorders the same dimensions without calibration data (random, or by
+weight magnitude) for the importance comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from uniql_jax.compress import attention, calibration, mlp, ssm
+from uniql_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SORTERS = {"mlp": mlp, "attention": attention, "mamba2": ssm}
+BASELINES = ("random", "magnitude")
+
+
+def _check_full_rank(cfg: ModelConfig):
+    if not cfg.is_full_rank():
+        raise ValueError("sorting needs the full-rank model (a pruned config was given)")
+
+
+def sort_timed(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, batch_size: int = 8,
+               lam: float = 1.0, mesh=None) -> tuple[ModelConfig, dict, dict]:
+    """`sort` that also returns per-stage wall times {"calibration", "solve", "total", per kind}."""
+    _check_full_rank(cfg)
+    sorted_blocks = list(params["blocks"])
+    solve_s = {kind: 0.0 for kind in SORTERS}
+
+    def on_block(i, blk, stats):
+        t0 = time.perf_counter()
+        sorter = SORTERS[blk.kind]
+        kw = {} if blk.kind == "attention" else {"lam": lam}
+        sorted_blocks[i] = sorter.sort_block(cfg, blk, params["blocks"][i], stats, **kw)
+        solve_s[blk.kind] += time.perf_counter() - t0
+
+    collectors = {kind: sorter.collect for kind, sorter in SORTERS.items()}
+    run = calibration.run_blocks(cfg, params, calib, collectors, on_block, batch_size=batch_size, mesh=mesh,
+                                 progress=progress, desc="sort")
+    t = run["timings_s"]
+    timings = {"calibration": t["embed"] + t["blocks"], "solve": t["on_block"], "total": t["total"],
+               **{f"solve_{k}": v for k, v in solve_s.items() if v}}
+    log.info("sorted %d blocks in %.1f s (calibration %.1f s, solve %.1f s)", len(cfg.blocks), timings["total"],
+             timings["calibration"], timings["solve"])
+    return cfg, {**params, "blocks": sorted_blocks}, timings
+
+
+def sort(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, batch_size: int = 8, lam: float = 1.0,
+         mesh=None) -> tuple[ModelConfig, dict]:
+    """UniQL structured sorting (API.md `uq.sort`): calib int32 [N, T] -> (cfg, sorted params).
+
+    The result computes the same function as the input; its per-block sizes are
+    unchanged, its prunable channels ordered by importance, and attention blocks carry
+    the permuted RoPE pair indices. Statistics are float32 sums streamed `batch_size`
+    windows at a time, data-parallel over `mesh` (default: all local devices).
+    """
+    cfg, params, _ = sort_timed(cfg, params, calib, progress=progress, batch_size=batch_size, lam=lam, mesh=mesh)
+    return cfg, params
+
+
+def baseline_order(cfg: ModelConfig, params: dict, kind: str = "random", seed: int = 0) -> tuple[ModelConfig, dict]:
+    """The model with every prunable dimension reordered without data: kind "random"
+    (a random permutation, RoPE pairs kept together) or "magnitude" (by the norms of
+    the weights touching each channel). Same function as the input; v biases are
+    folded into o_bias as in `sort`, and V/O keeps its original basis (no SVD)."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; expected one of {BASELINES}")
+    _check_full_rank(cfg)
+    rng = np.random.default_rng(seed)
+    blocks = [SORTERS[b.kind].baseline_block(cfg, b, p, kind, rng) for b, p in zip(cfg.blocks, params["blocks"])]
+    return cfg, {**params, "blocks": blocks}
