@@ -178,3 +178,18 @@ def nbytes(tree) -> int:
         else:
             total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
     return total
+
+
+def deployed_bytes(tree, float_bytes: int = 2) -> int:
+    """Bytes of a params tree as deployed: packed weights as stored, float arrays at
+    `float_bytes` per element (16-bit by default, whatever the in-memory dtype), integer
+    arrays (RoPE pair indices) as they are."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: is_qarray(x) or hasattr(x, "dequantize")):
+        if is_qarray(leaf) or hasattr(leaf, "dequantize"):
+            total += sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(leaf))
+        elif jnp.issubdtype(leaf.dtype, jnp.floating):
+            total += int(np.prod(leaf.shape)) * float_bytes
+        else:
+            total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
