@@ -4,6 +4,9 @@ The public API of ../shared/spec/API.md; re-exports only.
 """
 
 from uniql_jax.checkpoint import load, save
+from uniql_jax.compress.allocate import allocate
+from uniql_jax.compress.prune import prune
+from uniql_jax.compress.sort import sort
 from uniql_jax.config import ARCHS, AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 from uniql_jax.inference import decode_step, forward, generate
 from uniql_jax.models.cache import init_cache
@@ -12,5 +15,6 @@ from uniql_jax.models.stacks import init_params
 __all__ = [
     "ARCHS", "AttentionBlock", "MLPBlock", "Mamba2Block", "ModelConfig",
     "save", "load",
+    "sort", "allocate", "prune",
     "forward", "decode_step", "generate", "init_cache", "init_params",
 ]
