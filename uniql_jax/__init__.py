@@ -8,6 +8,7 @@ from uniql_jax.compress.allocate import allocate
 from uniql_jax.compress.prune import prune
 from uniql_jax.compress.sort import sort
 from uniql_jax.config import ARCHS, AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from uniql_jax.eval import perplexity
 from uniql_jax.inference import decode_step, forward, generate
 from uniql_jax.models.cache import init_cache
 from uniql_jax.models.stacks import init_params

@@ -1,0 +1,360 @@
+"""Train a tiny model of any arch from scratch on a text file; write a standard HF checkpoint.
+
+    python -m experiments.train_tiny --arch llama --out experiments/defaults/llama
+    python -m experiments.train_tiny --arch nemotron_h --pattern "M-M*-M-" --steps 600 --out /tmp/nh
+    python -m experiments.train_tiny --table          # the results table of the embedded defaults
+
+Steps: split the text into documents and hold out the last 10 % (uniql_jax.data);
+train a byte-level BPE tokenizer (Hugging Face `tokenizers`) on the training
+documents only; build the model from a ModelConfig with uq.init_params; train
+with optax AdamW and a warmup + cosine schedule on random windows of the training
+stream, the loss computed with uq.forward (one source of truth); write
+config.json + model.safetensors (converters.hf.save) and the tokenizer
+(PreTrainedTokenizerFast.save_pretrained). Then evaluate on the held-out
+documents: perplexity through uq.perplexity and through transformers (PyTorch) on
+the same windows, the unigram perplexity of the same tokens, and a greedy
+continuation of "Once upon a time"; everything lands in results.json.
+Same --seed, same data, same flags: same tokenizer, batches and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = Path(__file__).resolve().parent / "defaults"
+TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_valid_900.txt"
+STORIES260K = REPO.parent / "shared" / "data" / "stories260K"
+SPECIAL = "<|endoftext|>"  # id 0: BOS at the start of every document (also EOS)
+PROMPT = "Once upon a time"
+
+# Per-arch geometry of the embedded defaults (every prunable axis has room: several kv
+# heads, head_dim >= 16, MLP width >= 256, d_state >= 16). Layout letters: M Mamba2,
+# * attention, - MLP (Nemotron-H: one block per layer; Bamba: a mixer per layer, each
+# followed by its MLP).
+PRESETS = {
+    "llama": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=False),
+    "qwen2": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=True),
+    "mamba2": dict(hidden=128, layers=6, ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=True),
+    "nemotron_h": dict(hidden=128, pattern="M-M*-M-", heads=8, kv_heads=4, head_dim=16, mlp=384,
+                       ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=False),
+    "bamba": dict(hidden=128, pattern="MM*M", heads=8, kv_heads=4, head_dim=16, mlp=384,
+                  ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=False),
+}
+
+
+# ----------------------------------------------------------------------------- model config
+
+
+def model_config(arch: str, vocab_size: int, seq_len: int, **overrides):
+    """The ModelConfig of a tiny model of `arch` (PRESETS[arch] updated by `overrides`)."""
+    from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+
+    g = dict(PRESETS[arch])
+    g.update({k: v for k, v in overrides.items() if v is not None})
+    hd = g.get("head_dim", 0)
+    rotary = 0 if arch == "nemotron_h" else hd  # Nemotron-H attention has no position encoding
+    attn = lambda i: AttentionBlock(i, rotary // 2, hd - rotary, hd)  # noqa: E731
+    mlp = lambda i: MLPBlock(i, g["mlp"])  # noqa: E731
+    ssm = lambda i: Mamba2Block(i, g["d_state"], g["ssm_head_dim"])  # noqa: E731
+    if arch in ("llama", "qwen2"):
+        blocks = [b for i in range(g["layers"]) for b in (attn(i), mlp(i))]
+    elif arch == "mamba2":
+        blocks = [ssm(i) for i in range(g["layers"])]
+    else:
+        make = {"M": ssm, "*": attn, "-": mlp}
+        if set(g["pattern"]) - set(make) or (arch == "bamba" and "-" in g["pattern"]):
+            raise ValueError(f"bad --pattern {g['pattern']!r} for {arch}")
+        if arch == "nemotron_h":
+            blocks = [make[c](i) for i, c in enumerate(g["pattern"])]
+        else:
+            blocks = [b for i, c in enumerate(g["pattern"]) for b in (make[c](i), mlp(i))]
+    kinds = {b.kind for b in blocks}
+    ssm_geom = dict(ssm_heads=g["ssm_heads"], ssm_head_dim=g["ssm_head_dim"], ssm_groups=g["groups"],
+                    ssm_state=g["d_state"], conv_kernel=4, ssm_chunk_size=min(64, seq_len)) if "mamba2" in kinds else {}
+    attn_geom = dict(num_heads=g["heads"], num_kv_heads=g["kv_heads"], head_dim=hd, rotary_dim=rotary,
+                     attention_bias=arch == "qwen2") if "attention" in kinds else {}
+    return ModelConfig(
+        arch=arch, vocab_size=vocab_size, hidden_size=g["hidden"], blocks=tuple(blocks), rms_norm_eps=1e-5,
+        tie_word_embeddings=g["tie"], bos_token_id=0, eos_token_id=0, max_position_embeddings=max(seq_len, 512),
+        intermediate_size=g.get("mlp", 0) if "mlp" in kinds else 0,
+        mlp_activation="relu2" if arch == "nemotron_h" else "silu_gated", **attn_geom, **ssm_geom)
+
+
+def count_params(params) -> int:
+    import jax
+
+    return int(sum(np.size(x) for x in jax.tree.leaves(params) if np.issubdtype(np.asarray(x).dtype, np.floating)))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """A byte-level BPE (`tokenizers`) trained on `documents`, wrapped for transformers.
+
+    Id 0 is <|endoftext|>; encoding a text adds it in front (the BOS of a
+    document, as in training), decoding skips it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL} $A", pair=f"{SPECIAL} $A {SPECIAL} $B",
+                                                       special_tokens=[(SPECIAL, tok.token_to_id(SPECIAL))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def split_trainable(params):
+    """(float leaves, merge): merge(float leaves) rebuilds params with the integer leaves (pair indices) fixed."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(params)
+    is_float = [np.issubdtype(np.asarray(x).dtype, np.floating) for x in leaves]
+    frozen = [x for x, f in zip(leaves, is_float) if not f]
+
+    def merge(trainable):
+        it_t, it_f = iter(trainable), iter(frozen)
+        return treedef.unflatten([next(it_t) if f else next(it_f) for f in is_float])
+
+    return [x for x, f in zip(leaves, is_float) if f], merge
+
+
+def train(cfg, stream: np.ndarray, *, steps: int, batch_size: int, seq_len: int, lr: float, warmup: int,
+          weight_decay: float, seed: int, log_every: int = 25):
+    """AdamW + warmup/cosine on random non-overlapping windows of `stream`; returns (params, history).
+
+    Loss: mean next-token cross entropy of tokens 2..T of each window, from uq.forward.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from tqdm.auto import tqdm
+
+    import uniql_jax as uq
+    from uniql_jax.data import calibration_windows
+
+    trainable, merge = split_trainable(uq.init_params(cfg, seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
+    decay_mask = [x.ndim >= 2 for x in trainable]  # no decay on norms, biases, A_log, D, dt_bias
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+    opt_state = opt.init(trainable)
+
+    def loss_fn(trainable, batch):  # batch int32 [B, T]
+        logits = uq.forward(cfg, merge(trainable), batch)[:, :-1]  # [B, T-1, V]
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+        return jnp.mean(nll)
+
+    @jax.jit
+    def step(trainable, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, batch)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    history, recent = [], []
+    bar = tqdm(range(steps), desc=f"train {cfg.arch}", unit="step", mininterval=2.0, file=sys.stdout)
+    for i in bar:
+        batch = jnp.asarray(calibration_windows(stream, batch_size, seq_len, seed=seed * 1_000_003 + i))
+        trainable, opt_state, loss = step(trainable, opt_state, batch)
+        recent.append(loss)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            mean = float(np.mean([float(x) for x in recent]))
+            recent = []
+            history.append({"step": i + 1, "loss": round(mean, 4), "lr": float(schedule(i))})
+            bar.set_postfix(loss=f"{mean:.3f}")
+    return jax.tree.map(np.asarray, merge(trainable)), history
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def transformers_perplexity(folder, tokens: np.ndarray, seq_len: int, batch_size: int = 16) -> float:
+    """The perplexity of uq.perplexity, computed by transformers (PyTorch, float32) on the same windows."""
+    import torch
+    import transformers
+
+    from uniql_jax.eval import windows
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    wins = torch.from_numpy(windows(tokens, seq_len).astype(np.int64))
+    with torch.no_grad():
+        for s in range(0, len(wins), batch_size):
+            batch = wins[s:s + batch_size]
+            logits = model(batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            total += float(nll)
+            count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def greedy_sample(cfg, params, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 48) -> str:
+    import jax.numpy as jnp
+
+    import uniql_jax as uq
+
+    ids = tokenizer(prompt)["input_ids"]
+    out = uq.generate(cfg, params, jnp.asarray([ids], jnp.int32), max_new_tokens)
+    return tokenizer.decode(np.asarray(out[0]), skip_special_tokens=True)
+
+
+def evaluate(folder, heldout_docs: list[str], seq_len: int) -> dict:
+    """Held-out metrics of a saved checkpoint, loaded back through converters.hf."""
+    import uniql_jax as uq
+    from converters import hf
+    from uniql_jax.data import token_stream
+    from uniql_jax.eval import unigram_perplexity
+
+    cfg, params = hf.load(folder)
+    tok = hf.load_tokenizer(folder)
+    tokens = token_stream(heldout_docs, tok)
+    t0 = time.perf_counter()
+    ppl = uq.perplexity(cfg, params, tokens, seq_len=seq_len)
+    eval_s = time.perf_counter() - t0
+    return {"documents": len(heldout_docs), "tokens": int(len(tokens)), "seq_len": seq_len,
+            "windows": len(tokens) // seq_len, "ppl": ppl, "ppl_transformers": transformers_perplexity(folder, tokens, seq_len),
+            "unigram_ppl": unigram_perplexity(tokens, seq_len=seq_len), "eval_s": round(eval_s, 2),
+            "greedy": greedy_sample(cfg, params, tok)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    import jax
+
+    from converters import hf
+    from uniql_jax.data import holdout, split_documents, read_text, token_stream
+
+    out = Path(args.out)
+    text_path = Path(args.text)
+    docs = split_documents(read_text(text_path))
+    train_docs, held_docs = holdout(docs, args.holdout)
+    print(f"{text_path.name}: {len(docs)} documents, training on {len(train_docs)}, holding out {len(held_docs)}")
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(train_docs, args.vocab_size)
+    stream = token_stream(train_docs, tok)
+    print(f"tokenizer: vocab {len(tok)}, {len(stream)} training tokens ({time.perf_counter() - t0:.1f} s)")
+
+    overrides = {k: getattr(args, k) for k in ("hidden", "layers", "pattern", "heads", "kv_heads", "head_dim", "mlp",
+                                               "ssm_heads", "ssm_head_dim", "d_state", "groups")}
+    cfg = model_config(args.arch, len(tok), args.seq_len, **overrides)
+    t0 = time.perf_counter()
+    params, history = train(cfg, stream, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                            lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed)
+    train_s = time.perf_counter() - t0
+    n_params = count_params(params)
+    print(f"trained {n_params:,} parameters in {train_s:.0f} s; final loss {history[-1]['loss']:.4f}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save(cfg, params, out)
+    tok.save_pretrained(str(out))
+    results = {
+        "arch": args.arch, "params": n_params, "train_time_s": round(train_s, 1), "final_loss": history[-1]["loss"],
+        "train_tokens": int(len(stream)), "tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "table")} | {"text": text_path.name},
+        "history": history,
+    }
+    results["heldout"] = evaluate(out, held_docs, args.seq_len)
+    h = results["heldout"]
+    print(f"held-out ppl {h['ppl']:.4f} (transformers {h['ppl_transformers']:.4f}, unigram {h['unigram_ppl']:.2f})")
+    print(f"greedy: {h['greedy']!r}")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def stories260k_heldout(text=TINYSTORIES, seq_len: int = 256) -> dict:
+    """The real stories260K (llama2.c) on the same held-out stories, through uq.perplexity."""
+    import uniql_jax as uq
+    from converters import llama2c
+    from uniql_jax.data import load_documents, token_stream
+    from uniql_jax.eval import unigram_perplexity
+
+    cfg, params = llama2c.load(STORIES260K / "stories260K.bin")
+    tok = llama2c.load_tokenizer(STORIES260K / "tok512.bin")
+    tokens = token_stream(load_documents(text, part="heldout"), tok)
+    return {"params": count_params(params), "tokens": int(len(tokens)), "seq_len": seq_len,
+            "ppl": uq.perplexity(cfg, params, tokens, seq_len=seq_len),
+            "unigram_ppl": unigram_perplexity(tokens, seq_len=seq_len)}
+
+
+def table(defaults=DEFAULTS, with_stories260k: bool = True) -> str:
+    """The markdown results table of the embedded defaults (from their results.json)."""
+    rows = ["| arch | params | train time | final train loss | held-out ppl (uq) | held-out ppl (transformers) "
+            "| unigram ppl | greedy continuation of \"Once upon a time\" |", "|" + "---|" * 8]
+    from uniql_jax.config import ARCHS
+
+    for arch in ARCHS:
+        f = Path(defaults) / arch / "results.json"
+        if not f.is_file():
+            rows.append(f"| {arch} | (not trained yet) |||||||")
+            continue
+        r = json.loads(f.read_text())
+        h = r["heldout"]
+        sample = h["greedy"].replace("\n", "⏎").replace("|", "\\|")
+        rows.append(f"| {arch} | {r['params'] / 1e6:.2f} M | {r['train_time_s'] / 60:.1f} min | {r['final_loss']:.3f} "
+                    f"| {h['ppl']:.4f} | {h['ppl_transformers']:.4f} | {h['unigram_ppl']:.1f} | {sample} |")
+    if with_stories260k and (STORIES260K / "stories260K.bin").is_file():
+        s = stories260k_heldout()
+        rows.append(f"| stories260K (llama2.c, vocab 512) | {s['params'] / 1e6:.2f} M | (pretrained) | | "
+                    f"{s['ppl']:.4f} | | {s['unigram_ppl']:.1f} | |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=tuple(PRESETS))
+    p.add_argument("--out", help="output folder (default: experiments/defaults/<arch>)")
+    p.add_argument("--text", default=str(TINYSTORIES), help="training text file (default: the shared TinyStories)")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of documents held out (the last ones)")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=180)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("hidden", "layers", "heads", "kv-heads", "head-dim", "mlp", "ssm-heads", "ssm-head-dim", "d-state",
+                 "groups"):
+        p.add_argument(f"--{name}", type=int, help="override of the arch preset")
+    p.add_argument("--pattern", help="hybrid layout, letters M (Mamba2), * (attention), - (MLP; nemotron_h only)")
+    p.add_argument("--table", action="store_true", help="print the results table of the embedded defaults and exit")
+    args = p.parse_args(argv)
+    if not args.table and not args.arch:
+        p.error("--arch is required (or --table)")
+    if args.arch and not args.out:
+        args.out = str(DEFAULTS / args.arch)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
