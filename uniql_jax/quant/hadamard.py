@@ -147,6 +147,7 @@ def random_hadamard_matrix(n: int, seed: int | jax.Array, dtype=jnp.float32) -> 
     return (random_signs(n, seed)[:, None] * hadamard_matrix(n, jnp.float32)).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("axis",))
 def hadamard_transform(x: jax.Array, axis: int = -1, signs: jax.Array | None = None) -> jax.Array:
     """``x @ Q`` along ``axis`` for ``Q = diag(signs) hadamard_matrix(n)`` without forming Q.
 

@@ -14,6 +14,8 @@ this module only names the two uses the pipeline has:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +23,7 @@ from uniql_jax.quant import qarray
 from uniql_jax.quant.qarray import QArray
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
 def rtn_quantize(w_DinxDout: jax.Array, *, bits: int = 4, group_size: int = 128) -> QArray:
     """RTN baseline for a linear ``W [Din, Dout]``: groups along Din -> ``QArray(axis=0)``."""
     if w_DinxDout.ndim != 2:
@@ -28,6 +31,7 @@ def rtn_quantize(w_DinxDout: jax.Array, *, bits: int = 4, group_size: int = 128)
     return qarray.quantize_rtn(w_DinxDout, bits=bits, group_size=group_size, axis=0)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
 def rtn_quantize_embedding(table_VxD: jax.Array, *, bits: int = 4, group_size: int | None = None) -> QArray:
     """Per-row RTN of an embedding table ``E [V, D]`` along D -> ``QArray(axis=1)``.
 
@@ -42,6 +46,7 @@ def rtn_quantize_embedding(table_VxD: jax.Array, *, bits: int = 4, group_size: i
     return qarray.quantize_rtn(table_VxD, bits=bits, group_size=group_size or d_model, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def lookup_rows(table: QArray, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Dequantized rows ``E[ids]`` of a row-quantized table ``QArray [V, D] (axis=1)``.
 
