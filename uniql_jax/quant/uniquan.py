@@ -151,6 +151,7 @@ def local_patterns(u_RxS: jax.Array, alpha_RxK: jax.Array, prev_patterns_RxS: ja
     return jnp.take_along_axis(pattern_at_rank, rank, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("period",))
 def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: int = 2) -> UniQuanBuffers:
     """Periodic mapping: every ``period`` steps (``step % period == 0``) a local remap of the
     assignment under the current parameters, otherwise the assignment is reused."""
@@ -163,12 +164,14 @@ def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: 
     return dataclasses.replace(qb, patterns=patterns)
 
 
+@jax.jit
 def full_assignment(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers) -> UniQuanBuffers:
     """The assignment recomputed by full search over all 2^k levels (the final mapping)."""
     _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, 0), qp, qb)
     return dataclasses.replace(qb, patterns=bcq.nearest_patterns(u, qp.alpha))
 
 
+@functools.partial(jax.jit, static_argnames=("gradient_filtering",))
 def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_filtering: bool = True) -> jax.Array:
     """Transform -> map (fixed assignment ``qb.patterns``) -> de-transform; float32 [Din, Dout].
 
@@ -191,6 +194,7 @@ def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_
     return bcq.from_rows(w_hat, W.shape, qb.group_size, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("scale_dtype",))
 def fold_to_bcq(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, scale_dtype=bcq.SCALE_DTYPE) -> bcq.BCQArray:
     """Unification theorem: the trained quantizer as plain BCQ (delta2, delta3 dropped).
 
