@@ -25,7 +25,9 @@ GPTQ's three steps (Alg. 1), all implemented here:
 Quantizer: symmetric, ``w = s (code - 2**(b-1))``; the group scale
 ``s = max|w| / (2**(b-1) - 1)`` (stored float16) of the ``group_size`` rows of a
 group is computed when its first row is reached, from the rows as updated by every
-error propagated so far (as the reference code does); codes come from the shared
+error propagated so far (as the reference code does; blocks are aligned to groups
+here, so unlike the reference with group < block, the intra-block updates of the
+block's earlier rows are included too); codes come from the shared
 RTN rounding (``qarray.codes_for_scales``), so with H = c·I (no correlation to
 exploit) GPTQ returns exactly the RTN result.
 """
@@ -61,7 +63,7 @@ def accumulate_hessian(
 
     ``x [..., Din]`` (any dtype; flattened to rows, float32 arithmetic at HIGHEST
     matmul precision, so TF32 / bf16 passes on accelerators do not round H);
-    ``mask [...]`` optionally weighs rows (0 drops padding tokens). With
+    ``mask [...]`` optionally marks rows with 1 (kept) or 0 (padding, dropped). With
     ``n`` the rows of this batch and ``c`` those seen before:
 
         H ← H + n/(c+n) · (2 Xᵀ X / n - H)
