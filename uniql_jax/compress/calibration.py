@@ -92,12 +92,15 @@ def as_float32(tree):
 
 def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Callable] | None = None,
                on_block: Callable | None = None, *, batch_size: int = 8, mesh=None, progress: bool = True,
-               desc: str = "calibration") -> dict:
+               desc: str = "calibration", return_final: bool = False) -> dict:
     """Run the model block by block over `calib` (int32 [N, T]).
 
     collectors: block kind -> collector (kinds not listed gather nothing).
     on_block(i, blk, stats): called after block i with its summed statistics
-    (stats include "tokens", the number of tokens they sum over).
+    (stats include "tokens", the number of tokens they sum over). When it returns
+    new block params (sequential quantization: GPTQ), block i's outputs are
+    recomputed with them, so later blocks see the already-replaced prefix.
+    return_final: also return "final", the residual stream after the last block [N, T, D].
     Returns {"last_token": float32 [n_blocks + 1, N, D] (the residual stream at the
     last position before each block and after the last one), "timings_s": {...}}.
     """
@@ -129,6 +132,7 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
         step = _block_step(cfg, dataclasses.replace(blk, layer=0), collect, mesh)
         block_params = jax.device_put(as_float32(params["blocks"][i]), rep_sharding)
         stats = None
+        x_in = x_NxTxD.copy() if on_block is not None else None
         for s in range(0, len(x_NxTxD), per_step):
             x = jax.device_put(x_NxTxD[s:s + per_step], data_sharding)
             w = jax.device_put(w_all[s:s + per_step], data_sharding)
@@ -137,11 +141,20 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
             x_NxTxD[s:s + per_step] = np.asarray(x_out)
         stats = dict(stats or {})
         stats["tokens"] = float(N * x_NxTxD.shape[1])
-        last_token.append(x_NxTxD[:N, -1].copy())
         t_visit = time.perf_counter()
         timings["blocks"] += t_visit - t_block
-        if on_block is not None:
-            on_block(i, blk, jax.device_get(stats))
+        replaced = on_block(i, blk, jax.device_get(stats)) if on_block is not None else None
         timings["on_block"] += time.perf_counter() - t_visit
+        if replaced is not None:
+            propagate = _block_step(cfg, dataclasses.replace(blk, layer=0), no_stats, mesh)
+            new_params = jax.device_put(as_float32(replaced), rep_sharding)
+            for s in range(0, len(x_in), per_step):
+                x = jax.device_put(x_in[s:s + per_step], data_sharding)
+                w = jax.device_put(w_all[s:s + per_step], data_sharding)
+                x_NxTxD[s:s + per_step] = np.asarray(propagate(new_params, x, w)[1])
+        last_token.append(x_NxTxD[:N, -1].copy())
     timings["total"] = time.perf_counter() - t0
-    return {"last_token": np.stack(last_token), "timings_s": timings}
+    out = {"last_token": np.stack(last_token), "timings_s": timings}
+    if return_final:
+        out["final"] = x_NxTxD[:N]
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -10,6 +11,22 @@ import jax.numpy as jnp
 from uniql_jax.quant import qarray
 
 IMPLS = ("xla", "pallas")
+
+# While a recorder list is installed (`record_weight_inputs`), every weight product
+# appends (spec, x, w): how calibration sees the input of each linear without each
+# block type exposing its internals.
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_weight_inputs():
+    """Collect (spec, x, w) of every `wdot` call made inside the block (trace time)."""
+    calls: list = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.pop()
 
 
 def weight(w, dtype):
@@ -27,7 +44,9 @@ def wdot(spec: str, x: jax.Array, w, impl: str = "xla") -> jax.Array:
     impl="xla" dequantizes and lets XLA fuse; impl="pallas" hands packed weights to
     the kernels of `pallas_kernels` (interpret mode off-GPU).
     """
-    if impl == "pallas" and not isinstance(w, jax.Array) and not hasattr(w, "__array__"):
+    if _RECORDERS:
+        _RECORDERS[-1].append((spec, x, w))
+    if impl == "pallas" and (qarray.is_qarray(w) or hasattr(w, "dequantize")):
         from pallas_kernels import dispatch  # deferred: kernels are optional at import time
 
         return dispatch.packed_einsum(spec, x, w)
