@@ -597,7 +597,7 @@ def save(path, cfg: ModelConfig, params, *, table: dict | None = None, meta: dic
         *parents, leaf = key.split("/")
         for part in parents:
             node, args_node = node.setdefault(part, {}), args_node.setdefault(part, {})
-        node[leaf] = jnp.asarray(host).reshape(stored_shape(full_shapes[key], splits))
+        node[leaf] = jnp.asarray(host.reshape(stored_shape(full_shapes[key], splits)))  # numpy reshape: no XLA compile
         args_node[leaf] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=chunked_axes(splits))
 
     if path.exists() and not path.is_dir():
@@ -765,14 +765,25 @@ def load(path, rate=None, *, verify: bool = True, device=None) -> tuple[ModelCon
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _RateEntry:
+    cfg: ModelConfig  # the config at this rate
+    target: Any  # abstract params at this rate (the pruner's target)
+    changed: dict  # {raw key: kept shape} of the raw arrays this rate shrinks
+    slicer: Any  # jitted {key: full array} -> {key: leading box}, over `changed` only
+    forward: Any  # jitted (params, tokens) -> logits
+
+
 class ElasticModel:
     """A model held at full rank in memory whose pruning rate is switched in-process.
 
-    ``set_rate`` slices the in-memory full-rank params (no checkpoint I/O) with the
-    same pruner as `load`, so the params equal ``load(path, rate)``. ``forward``
-    runs a function jit-compiled once per rate (and token shape) and kept, so
-    switching back to a rate costs no tracing or compilation; ``traces`` counts the
-    traces per rate.
+    A rate is applied like `load` applies it to the files: the pruner's abstract
+    target (``slice_to_config`` traced with ``jax.eval_shape``) gives each raw array's
+    kept shape and the leading boxes are cut, here from the in-memory full-rank arrays
+    (no checkpoint I/O). Per rate, one compiled function cuts the arrays that rate
+    shrinks (the others are the full-rank arrays themselves, not copies) and one
+    compiled forward runs the model; both are kept, so switching back to a rate costs
+    no tracing or compilation. ``traces`` counts traces per rate.
     """
 
     def __init__(self, cfg: ModelConfig, params, table: dict, *, rate=None, impl: str = "xla"):
@@ -780,7 +791,9 @@ class ElasticModel:
         self.table = check_table(cfg, table)
         self.impl = impl
         self.traces: collections.Counter = collections.Counter()
-        self._compiled: dict = {}
+        self._full_raw = raw_arrays(params)
+        self._abstract_full = jax.eval_shape(lambda p: p, params)
+        self._entries: dict = {}  # stored rate (None: full rank) -> _RateEntry
         self.set_rate(rate)
 
     @classmethod
@@ -794,27 +807,33 @@ class ElasticModel:
     def rates(self) -> tuple[float, ...]:
         return tuple(sorted(self.table))
 
-    def set_rate(self, rate):
-        """Switch to a stored rate (None: full rank); returns (cfg, params) at that rate."""
+    def _entry(self, rate) -> _RateEntry:
         small, key = resolve_rate(self.full_cfg, self.table, rate)
-        self.rate = key
-        self.cfg = small
-        self.params = self.full_params if small == self.full_cfg else slice_to_config(small, self.full_params)
-        return self.cfg, self.params
+        entry = self._entries.get(key)
+        if entry is None:
+            target = rate_target(small, self._abstract_full)
+            changed = {k: s for k, s in raw_shapes(target).items() if s != tuple(self._full_raw[k].shape)}
 
-    def _forward_fn(self):
-        key = (self.rate, self.cfg)
-        fn = self._compiled.get(key)
-        if fn is None:
-            cfg, rate, impl = self.cfg, self.rate, self.impl
+            def cut(arrays):
+                self.traces[key] += 1  # runs only while tracing
+                return {k: leading_box(arrays[k], s) for k, s in changed.items()}
 
             def run(params, tokens):
-                self.traces[rate] += 1  # runs only while tracing
-                return forward(cfg, params, tokens, impl=impl)
+                self.traces[key] += 1
+                return forward(small, params, tokens, impl=self.impl)
 
-            fn = self._compiled[key] = jax.jit(run)
-        return fn
+            entry = self._entries[key] = _RateEntry(small, target, changed, jax.jit(cut), jax.jit(run))
+        return entry, key
+
+    def set_rate(self, rate):
+        """Switch to a stored rate (None: full rank); returns (cfg, params) at that rate."""
+        entry, key = self._entry(rate)
+        self.params = None  # drop the previous rate's arrays before cutting the next
+        cut = entry.slicer({k: self._full_raw[k] for k in entry.changed}) if entry.changed else {}
+        self.rate, self.cfg = key, entry.cfg
+        self.params = map_raw(lambda k, _: cut.get(k, self._full_raw[k]), entry.target)
+        return self.cfg, self.params
 
     def forward(self, tokens) -> jax.Array:
         """Logits float32 [B, T, V] of int32 tokens [B, T] at the current rate."""
-        return self._forward_fn()(self.params, tokens)
+        return self._entries[self.rate].forward(self.params, tokens)
