@@ -103,6 +103,18 @@ def test_identity_hessian_gives_exactly_rtn(bits, act_order):
     np.testing.assert_array_equal(np.asarray(q.scales), np.asarray(r.scales))
 
 
+@pytest.mark.parametrize("bits,act_order", PROPERTY_CASES)
+def test_hessian_scale_does_not_matter(bits, act_order):
+    """GPTQ depends on H only up to a positive factor, so a driver may pass a raw Σ xxᵀ.
+    (A power-of-two factor keeps every float operation exact, hence bit-equal results.)"""
+    x, w = correlated_layer(128, 48, seed=5)
+    h = hessian_of(x)
+    kwargs = dict(bits=bits, group_size=32, block_size=64, act_order=act_order)
+    np.testing.assert_array_equal(
+        np.asarray(gptq_quantize(w, 256.0 * h, **kwargs).codes), np.asarray(gptq_quantize(w, h, **kwargs).codes)
+    )
+
+
 def test_dead_inputs_are_zeroed_and_finite():
     """An input that is always 0 (H_ii = 0) gets weight 0 and never makes NaNs."""
     x, w = correlated_layer(128, 48)
