@@ -1,13 +1,15 @@
 """Bytes read by ``uq.load`` per pruning rate, and in-process rate switching times.
 
-A Llama-shaped random model, RTN 4-bit head to toe (QArray; o along its rank axis
-so that ranks are whole groups), a uniform rate table 0..0.35 (every prunable size
-scaled by 1 - rate, rounded down to its step), saved once with ``uq.save``. Bytes
+A Llama-3-shaped random model (embeddings ~11 % of the parameters, as in
+Llama-3.1-8B's 13 %), RTN 4-bit head to toe (QArray; o along its rank axis so that
+ranks are whole groups), a uniform rate table 0..0.35 (every prunable size scaled
+by 1 - rate, rounded to its step: rate = share of each layer's prunable parameters
+removed), saved once with ``uq.save``. Bytes
 are counted by TensorStore's file-kvstore counter (what Orbax reads, at the read
 call: independent of the page cache) and cross-checked with /proc/self/io rchar
 (every read syscall of the process, manifest and JSON metadata included).
 
-    python benchmarks/checkpoint_io.py [--layers 8] [--hidden 1024] [--out benchmarks/checkpoint_io-<device>.json]
+    python benchmarks/checkpoint_io.py [--layers 12] [--hidden 1024] [--vocab 8192] [--out benchmarks/checkpoint_io-<device>.json]
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 # quantized axis and group size per weight name (linears along their input axis)
 QUANT_RULES = {"q": (0, 128), "k": (0, 128), "v": (0, 128), "o": (2, 16), "gate": (0, 128), "up": (0, 128),
                "down": (0, 128), "embed": (1, 128), "lm_head": (0, 128)}
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 STEPS = {"qk_pairs": 8, "vo_rank": 16, "width": 128}  # head_dim in multiples of 16, MLP width of 128
 
 
-def model_config(layers: int, hidden: int, vocab: int) -> ModelConfig:
-    head_dim, heads, kv_heads = 64, hidden // 64, max(1, hidden // 256)
+def model_config(layers: int, hidden: int, vocab: int, head_dim: int = 128) -> ModelConfig:
+    """Llama-3 proportions: head_dim 128, 4 query heads per kv head, MLP width ~8/3 hidden."""
+    heads = hidden // head_dim
+    kv_heads = max(1, heads // 4)
     width = 128 * round(hidden * 8 / 3 / 128)
     blocks = []
     for i in range(layers):
@@ -105,7 +110,7 @@ def timed(fn, *args, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--out", default=None)
@@ -146,13 +151,22 @@ def main(argv=None):
             row["read_fraction_rchar"] = round(row["bytes_read_rchar"] / full["bytes_read_rchar"], 4)
 
         # In-process switching: the full-rank model read once, rates sliced from memory.
-        tokens = jnp.zeros((1, 64), jnp.int32)
+        tokens = jnp.zeros((1, 16), jnp.int32)
         model, from_ckpt_s = timed(ck.ElasticModel.from_checkpoint, path, rate=0.0)
         switching = {"from_checkpoint_s": round(from_ckpt_s, 4)}
+        compiles = []
+        listener = lambda event, duration, **kw: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None
+        jax.monitoring.register_event_duration_secs_listener(listener)
         for label, rate in (("first_0.0", 0.0), ("first_0.35", 0.35), ("back_to_0.0", 0.0), ("back_to_0.35", 0.35)):
+            compiles.clear()
             _, set_s = timed(model.set_rate, rate)
             _, fwd_s = timed(model.forward, tokens)
-            switching[label] = {"set_rate_s": round(set_s, 4), "forward_s": round(fwd_s, 4)}
+            n_compiles = len(compiles)
+            _, steady_s = timed(model.forward, tokens)  # the same call again: compute only
+            switching[label] = {"set_rate_s": round(set_s, 4), "forward_s": round(fwd_s, 4),
+                                "xla_compiles": n_compiles, "forward_again_s": round(steady_s, 4)}
+            print(f"switch {label}: {switching[label]}", flush=True)
+        jax.monitoring.unregister_event_duration_listener(listener)
         switching["traces_per_rate"] = {str(k): v for k, v in model.traces.items()}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -202,6 +202,14 @@ def test_round_trip_full_rank_is_bit_exact(which, cfg, request):
     assert_trees_identical(loaded, params)
 
 
+def test_round_trip_bfloat16(tmp_path):
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, random_params(CFG, 3))
+    ck.save(tmp_path / "c", CFG, params, table=DENSE_TABLE)
+    _, loaded = uq.load(tmp_path / "c")
+    assert loaded["embed"].dtype == jnp.bfloat16
+    assert_trees_identical(loaded, params)
+
+
 def test_quantized_fixture_really_holds_both_packed_types(quant):
     from uniql_jax.quant import bcq
 
@@ -260,31 +268,39 @@ def test_load_reads_only_the_kept_part(quant):
 # ---------------------------------------------------------------------------
 
 
-def test_elastic_model_switches_without_disk_or_recompilation(quant, tmp_path):
+def test_elastic_model_switches_from_memory_equal_to_load(quant, tmp_path):
+    """Packed params: every rate cut in memory equals uq.load at that rate; the disk is never touched."""
     path = Path(shutil.copytree(quant[0], tmp_path / "ckpt"))
-    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % QCFG.vocab_size
-    expected = {rate: uq.load(path, rate=rate)[1] for rate in (0.0, 0.35)}
-    cfg_r, params_r = uq.load(path, rate=0.35)
-    logits = uq.forward(cfg_r, params_r, tokens)  # the loaded pruned model runs
-    assert np.isfinite(np.asarray(logits)).all()
-    model = ck.ElasticModel.from_checkpoint(path, rate=0.0)
+    expected = {rate: uq.load(path, rate=rate) for rate in QUANT_TABLE}
+    model = ck.ElasticModel.from_checkpoint(path)
     shutil.rmtree(path)  # from here on, any read of the checkpoint would fail
     with ck.ReadCounter() as counter:
-        for rate in (0.0, 0.35):  # first visit: traced and compiled
-            model.set_rate(rate)
-            model.forward(tokens)
-        traces = dict(model.traces)
-        with CompileCounter() as compiles:
-            for rate in (0.0, 0.35, 0.0, 0.35):  # switching back and forth
-                cfg_r, params_r = model.set_rate(rate)
-                assert_trees_identical(params_r, expected[rate])  # == uq.load at that rate
-                out = model.forward(tokens)
-        np.testing.assert_array_equal(out, logits)
+        for rate in (0.35, 0.0, 0.2, 0.35):
+            cfg_r, params_r = model.set_rate(rate)
+            assert cfg_r == expected[rate][0] and model.rate == rate
+            assert_trees_identical(params_r, expected[rate][1])
     assert counter.tensorstore == 0
-    assert traces.keys() == {0.0, 0.35} and model.traces == traces  # nothing traced again
-    assert compiles.count == 0  # nor compiled
     # arrays a rate does not shrink are the full-rank ones, not copies
     assert model.params["embed"].codes is model.full_params["embed"].codes
+
+
+def test_elastic_model_switching_back_costs_no_recompilation(dense):
+    path, _ = dense
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % CFG.vocab_size
+    cfg_r, params_r = uq.load(path, rate=0.35)
+    logits = uq.forward(cfg_r, params_r, tokens)
+    model = ck.ElasticModel.from_checkpoint(path)
+    for rate in (0.0, 0.35):  # first visit: traced and compiled
+        model.set_rate(rate)
+        model.forward(tokens)
+    traces = dict(model.traces)
+    with CompileCounter() as compiles:
+        for rate in (0.0, 0.35, 0.0, 0.35):  # switching back and forth
+            model.set_rate(rate)
+            out = model.forward(tokens)
+    np.testing.assert_array_equal(out, logits)
+    assert traces.keys() == {0.0, 0.35} and model.traces == traces  # nothing traced again
+    assert compiles.count == 0  # nor compiled
 
 
 def test_compile_counter_sees_compilations():
