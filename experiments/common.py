@@ -31,11 +31,12 @@ class Parser(argparse.ArgumentParser):
 
 def main_guard(run):
     """Run `run()`; turn every bad-input error into one line on stderr and exit status 2."""
-    from converters.hf import CheckpointError
+    from converters import hf
+    from uniql_jax import checkpoint, data
 
     try:
         return run()
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, hf.CheckpointError, checkpoint.CheckpointError, checkpoint.RateError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -82,15 +83,6 @@ def load_model(arch: str, model: str | None):
     return cfg, params, tokenizer, str(source)
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a document with a leading BOS where the tokenizer has one."""
-    if hasattr(tokenizer, "BOS"):  # llama2.c tokenizer
-        return tokenizer.encode(text, bos=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + ids
-
-
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool):
     """Write into a hidden sibling folder, rename it into place only on success."""
@@ -130,13 +122,68 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def eval_stream(spec: str | None, tokenizer):
-    """1-D token stream for evaluation: a text file or dataset id (default: held-out TinyStories)."""
-    import numpy as np
 
-    path = Path(spec) if spec else TINYSTORIES
-    if not path.is_file():
-        raise UsageError(f"evaluation data {path} is not a readable file")
-    paragraphs = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
-    held_out = paragraphs[int(0.9 * len(paragraphs)):] if spec is None else paragraphs
-    return np.asarray([t for p in held_out for t in encode(tokenizer, p)], np.int32)
+def token_source(spec: str | None, tokenizer, part: str):
+    """1-D token stream of a text file or dataset id; default: TinyStories (train or held-out part)."""
+    from uniql_jax import data
+
+    if spec:
+        return data.load_tokens(spec, tokenizer)
+    if not TINYSTORIES.is_file():
+        raise UsageError(f"the default data {TINYSTORIES} is absent; pass --calib / --eval")
+    return data.load_tokens(TINYSTORIES, tokenizer, part=part)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Store the model's tokenizer beside a checkpoint so evaluate / generate need no source model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(tokenizer, "pieces"):  # llama2.c: its own binary format
+        import struct
+
+        blob = struct.pack("<i", max(len(p) for p in tokenizer.pieces))
+        for piece, score in zip(tokenizer.pieces, tokenizer.scores):
+            blob += struct.pack("<fi", score, len(piece)) + piece
+        (folder / "tokenizer.bin").write_bytes(blob)
+    else:
+        tokenizer.save_pretrained(folder)
+
+
+def load_saved_tokenizer(ckpt: Path):
+    from converters import hf, llama2c
+
+    folder = Path(ckpt) / "tokenizer"
+    if (folder / "tokenizer.bin").is_file():
+        return llama2c.load_tokenizer(folder / "tokenizer.bin")
+    if folder.is_dir():
+        return hf.load_tokenizer(folder)
+    raise UsageError(f"{ckpt}: no tokenizer stored beside the checkpoint")
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Perplexity and parameter bytes against pruning rate, one line per evaluated variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {f"{report['quantizer']} {report['bits']}-bit" if report["quantizer"] != "none" else "16-bit": report["rates"]}
+    if "rates_16bit" in report:
+        series["16-bit (sorted, before quantization)"] = report["rates_16bit"]
+    if "rates_before_finetune" in report:
+        series["before fine-tuning"] = report["rates_before_finetune"]
+    fig, (ax_ppl, ax_mb) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in series.items():
+        rates = [r["rate"] for r in rows]
+        ax_ppl.plot(rates, [r["ppl"] for r in rows], marker="o", label=name)
+        ax_mb.plot(rates, [r["param_bytes"] / 1e6 for r in rows], marker="o", label=name)
+    base = report["baseline"]
+    ax_ppl.axhline(base["ppl"], color="gray", ls="--", label="uncompressed")
+    ax_mb.axhline(base["param_bytes"] / 1e6, color="gray", ls="--", label="uncompressed (16-bit)")
+    ax_ppl.set(xlabel="pruning rate", ylabel="perplexity", title=f"{report['arch']}: perplexity")
+    ax_mb.set(xlabel="pruning rate", ylabel="parameter MB", title="parameter bytes")
+    for ax in (ax_ppl, ax_mb):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -3,78 +3,133 @@
     python -m experiments.compress --arch nemotron_h            # the embedded tiny default
     python -m experiments.compress --arch llama --model DIR --rates 0,0.15,0.25,0.35
 
-Writes into --out: the Orbax checkpoint, report.json and report.png (API.md).
+Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (API.md).
+Nothing is left in --out when a stage fails.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 from pathlib import Path
 
 from experiments import common
 
 DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
+log = logging.getLogger("compress")
 
 
 def build_parser():
     import uniql_jax as uq
 
     p = common.Parser(prog="python -m experiments.compress", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", required=True, choices=uq.ARCHS, help="model family")
+    p.add_argument("--arch", required=True, choices=uq.ARCHS, help="model family of --model")
     p.add_argument("--model", help="HF checkpoint folder or Hub id (default: the arch's embedded tiny model)")
-    p.add_argument("--out", help="output folder (default: runs/<arch>-<timestamp>); must not exist")
+    p.add_argument("--out", help="output folder (default: runs/<arch>-<timestamp>); refused if it exists")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quantizer", choices=("gptq", "uniquan", "rtn", "none"), default="gptq",
-                   help="weight quantizer applied after sorting (default gptq)")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight (default 4)")
+                   help="weight quantizer applied after sorting and fine-tuning (default gptq)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128,
-                   help="quantization group along the input dim (reduced to fit narrow matrices; default 128)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (0: no fine-tuning)")
-    p.add_argument("--finetune-data", help="text or JSON-lines instruction file for fine-tuning")
-    p.add_argument("--calib", help="calibration text file or dataset id (default: the TinyStories training split)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window")
+                   help="quantization group along the input dim; reduced per matrix to a multiple of 8 that "
+                        "divides every kept size of that dim, so pruning slices whole groups (default 128)")
+    p.add_argument("--keep-embeddings-16bit", action="store_true", help="do not quantize embeddings and lm_head")
+    p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (default 0: no fine-tuning)")
+    p.add_argument("--finetune-data", help="text or JSON-lines (Alpaca) file for fine-tuning (default: calibration text)")
+    p.add_argument("--calib", help="calibration text file or dataset id (default: the TinyStories training part)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window (default 256)")
     p.add_argument("--rates", default=DEFAULT_RATES, help=f"pruning-rate grid stored and evaluated (default {DEFAULT_RATES})")
+    p.add_argument("--allocation", choices=("block_influence", "uniform"), default="block_influence",
+                   help="layer-wise allocation of each global rate (default block_influence)")
     p.add_argument("--eval", help="evaluation text file or dataset id (default: held-out TinyStories)")
-    p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
     return p
+
+
+def check_args(args):
+    rates = common.parse_rates(args.rates)
+    if rates[-1] > 0.85:
+        raise common.UsageError(f"--rates above 0.85 are not supported, got {rates[-1]:g}")
+    if 0.0 not in rates:
+        rates = [0.0] + rates
+    if args.bits not in (2, 3, 4, 8):
+        raise common.UsageError(f"--bits must be 2, 3, 4 or 8, got {args.bits}")
+    if args.group_size < 8 or args.group_size % 8:
+        raise common.UsageError(f"--group-size must be a positive multiple of 8, got {args.group_size}")
+    for name in ("calib_samples", "seq_len"):
+        if getattr(args, name) < 2:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be at least 2")
+    if args.finetune_steps < 0:
+        raise common.UsageError("--finetune-steps must be >= 0")
+    out = Path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and not args.overwrite:
+        raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
+    return rates, out
 
 
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    rates = common.parse_rates(args.rates)
-    out = Path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and not args.overwrite:
-        raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
-    if args.bits not in (2, 3, 4, 8):
-        raise common.UsageError(f"--bits must be 2, 3, 4 or 8, got {args.bits}")
-
-    import numpy as np
+    rates, out = check_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import uniql_jax as uq
+    from uniql_jax import data
+    from uniql_jax.compress.allocate import evaluate_rates, param_count
+    from uniql_jax.compress.sort import sort
     from uniql_jax.eval import perplexity
-    from uniql_jax.quant.qarray import nbytes
 
-    timer = common.Timer()
+    timer = common.Timer(log.info)
     with timer.stage("convert"):
         cfg, params, tokenizer, source = common.load_model(args.arch, args.model)
-    eval_tokens = common.eval_stream(args.eval, tokenizer)
+        calib_stream = common.token_source(args.calib, tokenizer, "train")
+        eval_tokens = common.token_source(args.eval, tokenizer, "heldout")
+        calib = data.calibration_windows(calib_stream, args.calib_samples, args.seq_len, seed=args.seed)
+    log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
+             source, cfg.arch, param_count(cfg), len(calib), args.seq_len, len(eval_tokens))
+    report = {"arch": cfg.arch, "model": source, "quantizer": args.quantizer, "bits": args.bits,
+              "group_size": args.group_size, "seed": args.seed, "seq_len": args.seq_len,
+              "calib": args.calib or str(common.TINYSTORIES) + " (train part)",
+              "eval": args.eval or str(common.TINYSTORIES) + " (held-out part)", "timings_s": timer.timings}
+    base_ppl = perplexity(cfg, params, eval_tokens, seq_len=args.seq_len)
+    report["baseline"] = {"ppl": base_ppl, "param_bytes": 2 * param_count(cfg), "params": param_count(cfg)}
+    log.info("baseline perplexity %.4f", base_ppl)
+
+    with timer.stage("sort"):
+        cfg, params = sort(cfg, params, calib)
+    with timer.stage("allocate"):
+        table = uq.allocate(cfg, params, calib, rates, method=args.allocation)
+    if args.finetune_steps:
+        report["rates_before_finetune"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
+        with timer.stage("finetune"):
+            params = common.finetune_stage(args, cfg, params, table, tokenizer, calib_stream)
+    if args.quantizer != "none":
+        report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
+        with timer.stage("quantize"):
+            params = uq.quantize(cfg, params, calib, method=args.quantizer, bits=args.bits,
+                                 group_size=args.group_size, table=table,
+                                 quantize_embeddings=not args.keep_embeddings_16bit)
     with timer.stage("evaluate"):
-        base_ppl = perplexity(cfg, params, eval_tokens, seq_len=args.seq_len)
-    n_params = int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(params) if x.dtype != np.int32))
-    report = {
-        "arch": cfg.arch, "model": source, "quantizer": args.quantizer, "bits": args.bits,
-        "group_size": args.group_size, "seed": args.seed, "seq_len": args.seq_len,
-        "timings_s": timer.timings,
-        "rates": [{"rate": 0.0, "ppl": base_ppl, "param_bytes": 2 * n_params, "params": n_params}],
-        "baseline": {"ppl": base_ppl, "param_bytes": 2 * n_params, "params": n_params},
-    }
-    del uq, nbytes, rates  # stages wired in as they land
+        report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
+    print_table(report)
     with common.staged_output(out, args.overwrite) as tmp:
+        meta = {k: report[k] for k in ("arch", "model", "quantizer", "bits", "group_size", "seed", "seq_len",
+                                        "calib", "eval")}
+        uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
+        common.save_tokenizer(tokenizer, tmp / "tokenizer")
         common.write_json(tmp / "report.json", report)
-    print(f"baseline perplexity {base_ppl:.4f}; wrote {out}")
+        common.plot_report(report, tmp / "report.png")
+    log.info("wrote %s", out)
     return out
+
+
+def print_table(report):
+    base = report["baseline"]
+    print(f"\n{'rate':>6} {'ppl':>10} {'params':>10} {'MB':>8}   (baseline: ppl {base['ppl']:.4f}, "
+          f"{base['param_bytes'] / 1e6:.2f} MB at 16 bits)")
+    for row in report["rates"]:
+        print(f"{row['rate']:>6.2f} {row['ppl']:>10.4f} {row['params']:>10d} {row['param_bytes'] / 1e6:>8.3f}")
 
 
 def main(argv=None):

@@ -12,10 +12,11 @@ from uniql_jax.eval import perplexity
 from uniql_jax.inference import decode_step, forward, generate
 from uniql_jax.models.cache import init_cache
 from uniql_jax.models.stacks import init_params
+from uniql_jax.quant.quantize import quantize
 
 __all__ = [
     "ARCHS", "AttentionBlock", "MLPBlock", "Mamba2Block", "ModelConfig",
     "save", "load",
-    "sort", "allocate", "prune",
+    "sort", "allocate", "prune", "quantize", "perplexity",
     "forward", "decode_step", "generate", "init_cache", "init_params",
 ]

@@ -1,0 +1,184 @@
+"""Stage 4 driver (UNIQL.md "Stage 4"): quantize every linear weight of a sorted model, block by block.
+
+The pure cores live beside this file (``gptq.gptq_quantize``, ``rtn``); this driver
+only walks the model:
+
+* the calibration windows run block by block (``calibration.run_blocks``); the
+  inputs of every weight product of a block are captured through the model's own
+  ``wdot`` calls (``layers.record_weight_inputs``) and summed into Hessians
+  ``H = 2/N Σ x xᵀ`` over the flattened contraction axes;
+* the block is quantized and its outputs recomputed with the quantized weights, so
+  the next block's Hessians come from the already-quantized prefix (GPTQ's
+  sequential mode; within a block all weights see full-precision block inputs);
+* embeddings: per-row round-to-nearest; an untied lm_head: GPTQ on the final
+  normalized hidden states.
+
+Elastic slicing never re-quantizes: a weight is quantized along its *last
+contraction axis* (D for q/k/v/gate/up/in_proj, R for o, F for down, C for Mamba
+out) in groups that divide every size the rate table keeps of that axis, so each
+kept slice is a whole number of groups (``group_size_for``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uniql_jax.compress import calibration
+from uniql_jax.compress.prune import abstract_params
+from uniql_jax.config import ModelConfig
+from uniql_jax.models.layers import record_weight_inputs, rms_norm
+from uniql_jax.quant import gptq, qarray, rtn
+
+log = logging.getLogger(__name__)
+METHODS = ("gptq", "rtn")
+F32 = jnp.float32
+
+
+def contraction_count(spec: str) -> int:
+    """Number of leading weight axes an einsum spec "x,w->y" contracts."""
+    _, rest = spec.split(",")
+    w_spec, out_spec = rest.split("->")
+    n = sum(1 for c in w_spec if c not in out_spec)
+    if any(c in out_spec for c in w_spec[:n]):
+        raise ValueError(f"{spec}: contraction axes of the weight must lead")
+    return n
+
+
+def linear_inputs(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
+    """A calibration collector: {weight name: Σ xᵀx [Din, Din]} for every weight product of the block."""
+    with record_weight_inputs() as calls:
+        module(x_BxTxD, positions_BxT, None, None, "xla")
+    names = {id(v.get_value()): n for n, v in vars(module).items() if isinstance(v, nnx.Param)}
+    stats = {}
+    for spec, x, w in calls:
+        name = names.get(id(w))
+        if name is None:
+            continue
+        n = contraction_count(spec)
+        rows = calibration.weighted_rows(x.astype(F32), w_B)
+        rows = rows.reshape(-1, math.prod(rows.shape[rows.ndim - n:]))
+        corr = jnp.einsum("ni,nj->ij", rows, rows, preferred_element_type=F32)
+        stats[name] = stats[name] + corr if name in stats else corr
+    return stats
+
+
+def kept_sizes(cfg: ModelConfig, table: dict | None, block_index: int, name: str, axis: int) -> list[int]:
+    """Every size the table keeps of `axis` of weight `name` of a block (full rank included)."""
+    sizes = set()
+    for blocks in [cfg.blocks] + list((table or {}).values()):
+        shapes = abstract_params(cfg.with_blocks(blocks))["blocks"][block_index]
+        sizes.add(int(shapes[name].shape[axis]))
+    return sorted(sizes)
+
+
+def group_size_for(sizes: list[int], requested: int) -> int | None:
+    """The largest multiple of 8 <= requested dividing every size (None if there is none)."""
+    g = 0
+    for s in sizes:
+        g = math.gcd(g, s)
+    for cand in range(min(requested, g) // 8 * 8, 0, -8):
+        if g % cand == 0:
+            return cand
+    return None
+
+
+def to_qarray_nd(q2: qarray.QArray, shape: tuple[int, ...], n_contract: int) -> qarray.QArray:
+    """A QArray of the 2-D view [prod(contraction), prod(rest)] back in the weight's own shape.
+
+    Groups of the flattened input never straddle the last contraction axis (the
+    group size divides it), so the packed bytes and scales reshape in place."""
+    axis = n_contract - 1
+    codes_shape = shape[:axis] + (shape[axis] * q2.bits // 8,) + shape[n_contract:]
+    scales_shape = shape[:axis] + (shape[axis] // q2.group_size,) + shape[n_contract:]
+    return qarray.QArray(q2.codes.reshape(codes_shape), q2.scales.reshape(scales_shape), q2.bits, q2.group_size,
+                         axis, tuple(shape))
+
+
+def quantize_weight(w, hessian, *, method, bits, group_size, n_contract, damp, act_order):
+    shape = tuple(w.shape)
+    w2 = jnp.asarray(w, F32).reshape(math.prod(shape[:n_contract]), -1)
+    if method == "gptq":
+        q2 = gptq.gptq_quantize(w2, jnp.asarray(hessian, F32), bits=bits, group_size=group_size, damp=damp,
+                                act_order=act_order)
+    else:
+        q2 = rtn.rtn_quantize(w2, bits=bits, group_size=group_size)
+    return to_qarray_nd(q2, shape, n_contract)
+
+
+def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
+             table: dict | None = None, quantize_embeddings: bool = True, damp: float = 0.01, act_order: bool = False,
+             batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
+    """Params with every linear weight packed (API.md ``uq.quantize``); norms, biases, convs, A, D stay float.
+
+    `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
+    pruned so that every stored rate slices whole groups; weights of an axis whose
+    kept sizes share no multiple of 8 stay in 16 bits (logged).
+    """
+    if method == "uniquan":
+        from uniql_jax.quant import uniquan_driver
+
+        return uniquan_driver.quantize(cfg, params, calib, bits=bits, group_size=group_size, table=table,
+                                       quantize_embeddings=quantize_embeddings, batch_size=batch_size, mesh=mesh,
+                                       progress=progress)
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
+    t0 = time.perf_counter()
+    blocks = list(params["blocks"])
+    contract: dict = {}  # (block index, name) -> number of contraction axes, learned from the recorded specs
+
+    def learn_contractions(i, blk):
+        module = calibration.bind_block(cfg, blk, jax.tree.map(jnp.asarray, blocks[i]))
+        x = jnp.zeros((1, 2, cfg.hidden_size), F32)
+        pos = jnp.zeros((1, 2), jnp.int32)
+        with record_weight_inputs() as calls:
+            jax.eval_shape(lambda: module(x, pos, None, None, "xla"))
+        ids = {id(v.get_value()): n for n, v in vars(module).items() if isinstance(v, nnx.Param)}
+        for spec, _, w in calls:
+            if id(w) in ids:
+                contract[(i, ids[id(w)])] = contraction_count(spec)
+
+    skipped = []
+
+    def on_block(i, blk, stats):
+        learn_contractions(i, blk)
+        new = dict(blocks[i])
+        for (j, name), n in sorted(contract.items()):
+            if j != i or name not in stats:
+                continue
+            w = blocks[i][name]
+            gs = group_size_for(kept_sizes(cfg, table, i, name, n - 1), group_size)
+            if gs is None:
+                skipped.append(f"block {i} {name}")
+                continue
+            hessian = 2.0 * np.asarray(stats[name]) / stats["tokens"]
+            new[name] = quantize_weight(w, hessian, method=method, bits=bits, group_size=gs, n_contract=n,
+                                        damp=damp, act_order=act_order)
+        blocks[i] = new
+        return new
+
+    run = calibration.run_blocks(cfg, params, calib, {k: linear_inputs for k in ("attention", "mlp", "mamba2")},
+                                 on_block, batch_size=batch_size, mesh=mesh, progress=progress,
+                                 desc=f"{method} {bits}-bit", return_final=True)
+    out = {**params, "blocks": blocks}
+    if quantize_embeddings:
+        D = cfg.hidden_size
+        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=bits,
+                                                  group_size=group_size_for([D], group_size))
+        if not cfg.tie_word_embeddings:
+            h = rms_norm(jnp.asarray(run["final"]), jnp.asarray(params["final_norm"], F32), cfg.rms_norm_eps)
+            h = np.asarray(h, np.float32).reshape(-1, D)
+            hessian = 2.0 * (h.T @ h) / len(h)
+            out["lm_head"] = quantize_weight(params["lm_head"], hessian, method=method, bits=bits,
+                                             group_size=group_size_for([D], group_size), n_contract=1, damp=damp,
+                                             act_order=act_order)
+    if skipped:
+        log.warning("kept in 16 bits (no group size divides their kept sizes): %s", ", ".join(skipped))
+    log.info("%s %d-bit quantization of %d blocks in %.1f s", method, bits, len(blocks), time.perf_counter() - t0)
+    return out
