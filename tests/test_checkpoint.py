@@ -228,6 +228,31 @@ def test_load_at_rate_equals_prune_of_full_model(which, cfg, table, request):
         assert_trees_identical(loaded, params_p)
 
 
+# Hybrid (Bamba-like): Mamba2 d_state / head_dim, partial rotary pairs + pass channels, tied embeddings.
+HYBRID = ModelConfig(
+    arch="bamba", vocab_size=64, hidden_size=64, tie_word_embeddings=True,
+    blocks=(Mamba2Block(0, 16, 8), MLPBlock(0, 128), AttentionBlock(1, 4, 8, 16), MLPBlock(1, 128)),
+    num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=8, intermediate_size=128,
+    ssm_heads=8, ssm_head_dim=8, ssm_groups=2, ssm_state=16,
+)
+HYBRID_TABLE = {
+    0.1: (Mamba2Block(0, 12, 6), MLPBlock(0, 112), AttentionBlock(1, 3, 6, 12), MLPBlock(1, 96)),
+    0.3: (Mamba2Block(0, 8, 4), MLPBlock(0, 80), AttentionBlock(1, 2, 5, 11), MLPBlock(1, 72)),
+}
+
+
+def test_hybrid_model_load_at_rate_equals_prune(tmp_path):
+    params = random_params(HYBRID, seed=4)
+    ck.save(tmp_path / "c", HYBRID, params, table=HYBRID_TABLE)
+    assert "lm_head" not in params
+    for rate in HYBRID_TABLE:
+        cfg_r, loaded = uq.load(tmp_path / "c", rate=rate)
+        cfg_p, params_p = pruned(HYBRID, params, rate, HYBRID_TABLE)
+        assert cfg_r == cfg_p
+        assert_trees_identical(loaded, params_p)
+    assert_trees_identical(uq.load(tmp_path / "c", rate=0.0)[1], params)
+
+
 def test_manifest_records_table_meta_quantizer_and_versions(quant):
     info = ck.read_info(quant[0])
     assert info.cfg == QCFG and info.rates == (0.0, 0.2, 0.35) and info.table == QUANT_TABLE
@@ -326,6 +351,12 @@ def test_elastic_model_rejects_bad_rates(quant):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         uq.load(tmp_path / "nowhere", rate=0.0)
+
+
+def test_checkpoint_path_is_a_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ck.CheckpointError, match="not a directory"):
+        uq.load(tmp_path / "model.bin")
 
 
 def test_folder_without_manifest_is_not_a_checkpoint(tmp_path):
