@@ -1,0 +1,41 @@
+"""A 4-bit, pruned Llama-style model gives the same logits with impl="pallas" (fused RoPE +
+W4A16 kernels through `packed_einsum`, interpret mode) as with impl="xla"."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.testing import assert_close, jit_fast
+from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
+from uniql_jax.models import stacks
+from uniql_jax.quant import qarray
+
+# quantized (contraction) axis of each block weight, as the models lay them out
+QUANT_AXIS = {"q": 0, "k": 0, "v": 0, "o": 2, "up": 0, "gate": 0, "down": 0}
+
+
+@pytest.mark.slow  # ~15 s of CPU per dtype (model init + op-by-op quantization + two compiles)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_quantized_pruned_model_pallas_equals_xla(dtype):
+    # head_dim 32 = 16 pairs, pruned to 12 (not a power of two); G = 2 query heads per kv head
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                      rotary_dim=32, intermediate_size=256, blocks=(AttentionBlock(0, 12, 0, 32), MLPBlock(0, 256)))
+    params = stacks.init_params(cfg, seed=0, dtype=dtype)
+    params["blocks"] = [{name: qarray.quantize_rtn(w, bits=4, group_size=32, axis=QUANT_AXIS[name])
+                         if name in QUANT_AXIS else w for name, w in block.items()} for block in params["blocks"]]
+    params["lm_head"] = qarray.quantize_rtn(params["lm_head"], bits=4, group_size=32, axis=0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 5)))
+    positions = jnp.asarray(rng.integers(0, 2000, (2, 1))) + jnp.arange(5)  # per-sequence offsets
+
+    def logits(params, tokens, positions, impl):
+        return stacks.bind(cfg, params)(tokens, positions, impl=impl)[0]
+
+    run = jit_fast(logits, static_argnames=("impl",))
+    want = np.asarray(run(params, tokens, positions, "xla"), np.float64)
+    got = run(params, tokens, positions, "pallas")
+    # bf16: rounding of intermediate activations may differ between the fused and XLA orders
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2 * np.abs(want).max(), rtol=0)
+    assert_close(got, want, **tol, what="logits")
