@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -175,6 +176,7 @@ def main(argv=None):
     result = {
         "benchmark": "checkpoint_io",
         "device": str(device.device_kind), "platform": device.platform, "host": platform.node(),
+        "host_cpus": os.cpu_count(), "host_load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # timings are shared-CPU
         "versions": info.provenance["versions"],
         "model": {"arch": cfg.arch, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
                   "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
