@@ -57,6 +57,23 @@ def lane_mask(start, size: int, limit: int):
     return start + jax.lax.iota("int32", size) < limit
 
 
+def alias_initial_outputs(args: list, in_specs: list, out_shapes, out_specs, out_inits) -> dict:
+    """Append initial-value buffers for the outputs as extra inputs aliased to them.
+
+    Tests pass NaN-poisoned buffers so that any output element a kernel does not write stays
+    NaN. out_inits: None (no aliasing) or one buffer per output. Mutates args / in_specs and
+    returns the `input_output_aliases` for `pl.pallas_call`.
+    """
+    if out_inits is None:
+        return {}
+    aliases = {}
+    for o, (init, shape, spec) in enumerate(zip(out_inits, out_shapes, out_specs, strict=True)):
+        aliases[len(args)] = o
+        args.append(init.astype(shape.dtype).reshape(shape.shape))
+        in_specs.append(spec)
+    return aliases
+
+
 def export_for_cuda(fn, *args_or_shapes):
     """`jax.export` of `jax.jit(fn)` for platform cuda, on any host (no GPU needed).
 
@@ -71,5 +88,5 @@ def export_for_cuda(fn, *args_or_shapes):
 
 __all__ = [
     "IMPLEMENTATIONS", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "check_implementation",
-    "next_pow2", "is_pow2", "triton_params", "lane_mask", "export_for_cuda",
+    "next_pow2", "is_pow2", "triton_params", "lane_mask", "alias_initial_outputs", "export_for_cuda",
 ]

@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.common import is_pow2, lane_mask, next_pow2, triton_params
+from pallas_kernels.common import alias_initial_outputs, is_pow2, lane_mask, next_pow2, triton_params
 
 GEMV_MAX_ROWS = 16
 MIN_MMA = 16  # Triton MMA: every dot operand dimension >= 16
@@ -110,11 +111,7 @@ def launch_packed_matmul(body: Callable, x: jax.Array, weights: Sequence[tuple[j
         out_shape = jax.ShapeDtypeStruct((cfg.k_splits, m, n), jnp.float32)
         out_spec = pl.BlockSpec((pl.squeezed, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j))
     args = [x.reshape(m, kin // r, r)] + [a for a, _ in weights]
-    aliases = {}
-    if out_init is not None:
-        aliases = {len(args): 0}
-        args.append(out_init.astype(out_shape.dtype).reshape(out_shape.shape))
-        in_specs.append(out_spec)
+    aliases = alias_initial_outputs(args, in_specs, [out_shape], [out_spec], None if out_init is None else [out_init])
     out = pl.pallas_call(
         body,
         out_shape=out_shape,
@@ -136,6 +133,28 @@ def partial_out_shape(cfg: Config, m: int, n: int, dtype) -> tuple[tuple[int, ..
     if cfg.k_splits > 1:
         return (cfg.k_splits, m, n), jnp.dtype(jnp.float32)
     return (m, n), jnp.dtype(dtype)
+
+
+def load_group_rows(ref, groups, index: tuple, col_ok, rows_per_group: int):
+    """Per-group values (scales, alpha, offset) of one K step, repeated over their rows.
+
+    ref [..groups.., *index axes, BN] is read at (groups, *index, :) -> [n_groups, BN] (masked
+    columns read 0) and returned as float32 [n_groups * rows_per_group, BN], where
+    rows_per_group is how many packed rows of the weight one group spans.
+    """
+    values = plt.load(ref.at[(groups, *index, slice(None))], mask=col_ok, other=0).astype(jnp.float32)
+    n_groups, block_n = values.shape
+    return jnp.broadcast_to(values[:, None, :], (n_groups, rows_per_group, block_n)).reshape(
+        n_groups * rows_per_group, block_n)
+
+
+def accumulate_and_store(step, n_steps: int, acc_shape, out_ref, mask, reduce_rows: bool = False):
+    """acc = step(kb, acc) for kb < n_steps from float32 zeros; store it (summed over rows if
+    reduce_rows) masked into out_ref in out_ref's dtype."""
+    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros(acc_shape, jnp.float32))
+    if reduce_rows:
+        acc = jnp.sum(acc, axis=0)
+    plt.store(out_ref, acc.astype(out_ref.dtype), mask=mask)
 
 
 def tile_masks(block_m: int, block_n: int, m: int, n: int):

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import tiling
-from pallas_kernels.common import is_pow2, lane_mask, next_pow2, triton_params
+from pallas_kernels.common import alias_initial_outputs, is_pow2, lane_mask, next_pow2, triton_params
 from pallas_kernels.tiling import Config
 from uniql_jax.quant.bcq import BCQArray
 
@@ -77,12 +77,6 @@ def default_config(m: int, kin: int, n: int, group_size: int, path: str | None =
     return dataclasses.replace(cfg, block_n=min(cfg.block_n, 64))
 
 
-def _expand_groups(v, rows_per_group: int, n_rows: int):
-    """[groups, BN] per-group values -> [n_rows, BN], each repeated over its group's byte rows."""
-    groups, block_n = v.shape
-    return jnp.broadcast_to(v[:, None, :], (groups, rows_per_group, block_n)).reshape(n_rows, block_n)
-
-
 def _bcq_dequant_kernel(x_ref, planes_ref, alpha_ref, offset_ref, *refs, m: int, n: int, bits: int,
                         group_size: int, block_k: int):
     """One [BM, BN] output tile over one K split.
@@ -101,9 +95,7 @@ def _bcq_dequant_kernel(x_ref, planes_ref, alpha_ref, offset_ref, *refs, m: int,
     def step(kb, acc):
         rows = pl.ds(kb * byte_rows, byte_rows)
         groups = pl.ds(kb * groups_per_step, groups_per_step)
-        per_group = lambda ref, *idx: _expand_groups(  # noqa: E731
-            plt.load(ref.at[(groups, *idx, slice(None))], mask=col_ok, other=0).astype(jnp.float32),
-            rows_per_group, byte_rows)
+        per_group = lambda ref, *idx: tiling.load_group_rows(ref, groups, idx, col_ok, rows_per_group)  # noqa: E731
         offset = per_group(offset_ref)  # [BK/8, BN]
         alphas = [per_group(alpha_ref, jnp.int32(i)) for i in range(bits)]  # k x [BK/8, BN]
         planes = [plt.load(planes_ref.at[rows, jnp.int32(i), :], mask=col_ok, other=0)
@@ -118,8 +110,7 @@ def _bcq_dequant_kernel(x_ref, planes_ref, alpha_ref, offset_ref, *refs, m: int,
             acc += pl.dot(x_j, w_j.astype(x_j.dtype))
         return acc
 
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-    plt.store(out_ref, acc.astype(out_ref.dtype), mask=row_ok & col_ok)
+    tiling.accumulate_and_store(step, n_steps, (block_m, block_n), out_ref, row_ok & col_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config", "path"))
@@ -200,9 +191,7 @@ def _bcq_lut_kernel(table_ref, xsum_ref, planes_ref, alpha_ref, offset_ref, *ref
     def step(kb, acc):
         rows = pl.ds(kb * byte_rows, byte_rows)
         groups = pl.ds(kb * groups_per_step, groups_per_step)
-        per_group = lambda ref, *idx: _expand_groups(  # noqa: E731
-            plt.load(ref.at[(groups, *idx, slice(None))], mask=col_ok, other=0).astype(jnp.float32),
-            rows_per_group, byte_rows)
+        per_group = lambda ref, *idx: tiling.load_group_rows(ref, groups, idx, col_ok, rows_per_group)  # noqa: E731
         # table row of each byte row of this step, as a flat offset: [BK/8, 1]
         table_row = (split_row0 + kb * byte_rows + jax.lax.broadcasted_iota(jnp.int32, (byte_rows, 1), 0)) * LUT_SIZE
         for i in range(bits):
@@ -213,8 +202,7 @@ def _bcq_lut_kernel(table_ref, xsum_ref, planes_ref, alpha_ref, offset_ref, *ref
         acc += per_group(offset_ref) * xsum[:, None]
         return acc
 
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((byte_rows, block_n), jnp.float32))
-    plt.store(out_ref, jnp.sum(acc, axis=0).astype(out_ref.dtype), mask=col_ok[0])
+    tiling.accumulate_and_store(step, n_steps, (byte_rows, block_n), out_ref, col_ok[0], reduce_rows=True)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
@@ -248,11 +236,7 @@ def matmul_lut(x: jax.Array, w: BCQArray, *, interpret: bool = False, config: Lu
         out_shape = jax.ShapeDtypeStruct((cfg.k_splits, 1, n), jnp.float32)
         out_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, cfg.block_n), lambda j, s: (s, 0, j))
     args = [table, xsum, w.planes, w.alpha, w.offset]
-    aliases = {}
-    if out_init is not None:
-        aliases = {len(args): 0}
-        args.append(out_init.astype(out_shape.dtype).reshape(out_shape.shape))
-        in_specs.append(out_spec)
+    aliases = alias_initial_outputs(args, in_specs, [out_shape], [out_spec], None if out_init is None else [out_init])
     out = pl.pallas_call(
         functools.partial(_bcq_lut_kernel, n=n, bits=w.bits, group_size=gs, block_k=cfg.block_k),
         out_shape=out_shape,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.common import lane_mask, next_pow2, triton_params
+from pallas_kernels.common import alias_initial_outputs, lane_mask, next_pow2, triton_params
 
 # Elements of one [BT, Pp] tile: 2048 keeps a tile at 16 float32 registers per thread
 # with 4 warps, while leaving enough programs for long prefills.
@@ -97,17 +97,13 @@ def rope(q, k, positions, pair_index, inv_freq, *, interpret: bool = False, bloc
         pl.BlockSpec((bt, pl.squeezed, 2, block_pairs), lambda i, h: (i, h, 0, 0)),
     ]
     out_specs = [in_specs[3], in_specs[4]]
+    out_shapes = [jax.ShapeDtypeStruct(q_f.shape, q.dtype), jax.ShapeDtypeStruct(k_f.shape, k.dtype)]
     args = [pos_f, pair_index.astype(jnp.int32), inv_freq.astype(jnp.float32), q_f, k_f]
-    aliases = {}
-    if out_init is not None:
-        q_init, k_init = out_init
-        args += [q_init.reshape(q_f.shape).astype(q.dtype), k_init.reshape(k_f.shape).astype(k.dtype)]
-        in_specs += out_specs
-        aliases = {5: 0, 6: 1}
+    aliases = alias_initial_outputs(args, in_specs, out_shapes, out_specs, out_init)
 
     q_rot, k_rot = pl.pallas_call(
         functools.partial(_rope_kernel, n_tokens=N, n_pairs=P, groups=G),
-        out_shape=[jax.ShapeDtypeStruct(q_f.shape, q.dtype), jax.ShapeDtypeStruct(k_f.shape, k.dtype)],
+        out_shape=out_shapes,
         grid=(math.ceil(N / bt), K),
         in_specs=in_specs,
         out_specs=out_specs,

@@ -73,18 +73,16 @@ def _w4a16_kernel(x_ref, codes_ref, scales_ref, *refs, m: int, n: int, group_siz
         x_even = plt.load(x_ref.at[:, rows, even], mask=row_ok, other=0)  # [BM, BK/2]
         x_odd = plt.load(x_ref.at[:, rows, odd], mask=row_ok, other=0)  # [BM, BK/2]
         packed = plt.load(codes_ref.at[rows, :], mask=col_ok, other=0)  # [BK/2, BN] uint8
-        scale = plt.load(scales_ref.at[pl.ds(kb * groups_per_step, groups_per_step), :], mask=col_ok,
-                         other=0).astype(jnp.float32)  # [BK/gs, BN]
-        # a group of gs rows is gs/2 byte rows: repeat each group's scale over them
-        scale = jnp.broadcast_to(scale[:, None, :], (groups_per_step, group_size // 2, block_n)).reshape(half_k, block_n)
+        # each group's scale over its gs/2 byte rows: [BK/2, BN]
+        scale = tiling.load_group_rows(scales_ref, pl.ds(kb * groups_per_step, groups_per_step), (), col_ok,
+                                       group_size // 2)
         w_even = ((packed & 0xF).astype(jnp.float32) - 8.0) * scale  # rows k0, k0+2, ...
         w_odd = ((packed >> 4).astype(jnp.float32) - 8.0) * scale  # rows k0+1, k0+3, ...
         acc += pl.dot(x_even, w_even.astype(x_even.dtype))
         acc += pl.dot(x_odd, w_odd.astype(x_odd.dtype))
         return acc
 
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-    plt.store(out_ref, acc.astype(out_ref.dtype), mask=row_ok & col_ok)
+    tiling.accumulate_and_store(step, n_steps, (block_m, block_n), out_ref, row_ok & col_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config", "path"))
