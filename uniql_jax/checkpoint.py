@@ -29,13 +29,21 @@ Chunking: a prunable axis of size ``n`` whose sizes over the whole table share t
 divisor ``g`` is stored split as ``(n // g, g)`` and Orbax chunks the outer axis one
 step at a time (``SaveArgs.shard_axes``), so every stored size is a whole number of
 chunks and a rate reads exactly the chunks it keeps; other axes are chunked to at
-most ``chunk_bytes`` per chunk.
+most ``chunk_bytes`` per chunk. TensorStore coalesces reads across gaps of less than
+about 4 KiB, so arrays whose chunks are smaller than that (tiny test models) are read
+whole; at LLM sizes chunks are far larger and the bytes read follow the bytes kept.
 
 Integrity: ``save`` records a CRC-32 of every raw array's leading box at every stored
 rate (and full rank), so ``load`` checks exactly the bytes it read without reading
 more; file sizes are checked before any read (truncation), Orbax/OCDBT metadata files
 are checked against their sha256, and the manifest carries the sha256 of its own body.
 Any failure is a ``CheckpointError`` naming the file or array.
+
+Rates: ``load(path, rate)`` accepts ``None`` (full rank), 0 (full rank even if the
+table has no 0 entry) and the table's rates (to 1e-6). Anything else is a
+``RateError``: outside [0, max stored rate], or inside but not stored, in which case
+the message names the nearest stored rate; rates are never silently rounded.
+``ElasticModel`` keeps the full-rank params in memory and switches rates in-process.
 
 Atomicity: the arrays go to a fresh ``params-<id>`` folder (Orbax itself writes it
 under a temporary name and renames it when complete), every file is fsynced, then the
