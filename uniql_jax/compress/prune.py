@@ -10,6 +10,8 @@ never re-quantized).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from uniql_jax.config import ModelConfig
@@ -42,15 +44,25 @@ def slice_box(leaf, shape: tuple[int, ...]):
     return leaf[tuple(slice(0, n) for n in shape)]
 
 
-def abstract_params(cfg: ModelConfig, dtype=None):
-    """Shapes of the params of `cfg` without allocating them."""
+@functools.lru_cache(maxsize=256)
+def abstract_params(cfg: ModelConfig):
+    """Shapes of the params of `cfg` without allocating them (cached per config)."""
     return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
+def _slice_tree(target, params):
+    """Walk the target structure: arrays a smaller config drops entirely (e.g. q/k when no
+    rotary pair is kept) are simply not visited."""
+    if isinstance(target, dict):
+        return {k: _slice_tree(t, params[k]) for k, t in target.items()}
+    if isinstance(target, (list, tuple)):
+        return type(target)(_slice_tree(t, p) for t, p in zip(target, params))
+    return slice_box(params, target.shape)
 
 
 def slice_to_config(small: ModelConfig, params: dict) -> dict:
     """Params of a sorted model sliced to the (smaller) per-block sizes of `small`."""
-    target = abstract_params(small)
-    return jax.tree.map(lambda t, x: slice_box(x, t.shape), target, params, is_leaf=lambda x: is_packed(x))
+    return _slice_tree(abstract_params(small), params)
 
 
 def lookup_rate(table: dict, rate: float) -> tuple:
