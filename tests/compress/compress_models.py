@@ -4,6 +4,8 @@ Shared by the tests of uniql_jax.compress (imported by basename: pytest puts thi
 folder on sys.path, there is no __init__.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +71,19 @@ def tokens(n: int, t: int, seed: int) -> np.ndarray:
 def max_rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+ARCH_NAMES = ("llama", "qwen2", "mamba2", "nemotron_h", "bamba")
+CALIB = dict(n=6, t=24, seed=1)
+
+
+@functools.lru_cache(maxsize=None)
+def sorted_model(arch: str):
+    """(cfg, original params, sorted params, calibration tokens) of the tiny `arch`, sorted once per session."""
+    from uniql_jax.compress.sort import sort
+
+    cfg = tiny_config(arch)
+    params = random_params(cfg)
+    calib = tokens(CALIB["n"], CALIB["t"], CALIB["seed"])
+    _, params_sorted = sort(cfg, params, calib, progress=False, batch_size=4)
+    return cfg, params, params_sorted, calib

@@ -62,8 +62,9 @@ def qk_orders_from_scores(pair_score_Kx2xP=None, pass_score_KxE=None) -> dict:
     return orders
 
 
-def qk_uniql_orders(stats: dict) -> dict:
-    """UniQL Q/K orders: s = Σ_g ‖C_q^{1/2}‖_col ⊙ ‖C_k^{1/2}‖_col per kv head (sqrt of diagonals)."""
+def qk_uniql_scores(stats: dict) -> tuple:
+    """(pair scores [K, 2, P] or None, pass scores [K, E] or None): s = Σ_g ‖C_q^{1/2}‖_col ⊙ ‖C_k^{1/2}‖_col
+    per kv head, with the column norms of the PSD roots taken as √diag (`lowrank.sqrt_col_norms`)."""
     n = stats["tokens"]
 
     def score(q_name, k_name):
@@ -73,7 +74,12 @@ def qk_uniql_orders(stats: dict) -> dict:
         k_norm = lowrank.sqrt_col_norms(_np(stats[k_name]) / n)  # [K, ...]
         return (q_norm * k_norm[:, None]).sum(axis=1)
 
-    return qk_orders_from_scores(score("q_sq", "k_sq"), score("q_pass_sq", "k_pass_sq"))
+    return score("q_sq", "k_sq"), score("q_pass_sq", "k_pass_sq")
+
+
+def qk_uniql_orders(stats: dict) -> dict:
+    """UniQL Q/K orders from the statistics of `collect`."""
+    return qk_orders_from_scores(*qk_uniql_scores(stats))
 
 
 def qk_magnitude_orders(p: dict) -> dict:

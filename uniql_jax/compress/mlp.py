@@ -30,10 +30,14 @@ def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
 
 
 # ----------------------------------------------------------------------------- orders
+def leverage_scores(C_act_FxF, tokens: float, lam: float = 1.0) -> np.ndarray:
+    """Ridge leverage [F] of the mean correlation C = Σaᵀa / N of down_proj's input."""
+    return np.asarray(lowrank.ridge_leverage(np.asarray(C_act_FxF) / tokens, lam))
+
+
 def leverage_order(C_act_FxF, tokens: float, lam: float = 1.0) -> np.ndarray:
-    """Channel order [F] by decreasing ridge leverage of the mean correlation C = Σaᵀa / N."""
-    scores = lowrank.ridge_leverage(np.asarray(C_act_FxF) / tokens, lam)
-    return lowrank.descending_order(np.asarray(scores))
+    """Channel order [F] by decreasing ridge leverage."""
+    return lowrank.descending_order(leverage_scores(C_act_FxF, tokens, lam))
 
 
 def magnitude_order(p: dict) -> np.ndarray:

@@ -82,3 +82,31 @@ def baseline_order(cfg: ModelConfig, params: dict, kind: str = "random", seed: i
     rng = np.random.default_rng(seed)
     blocks = [SORTERS[b.kind].baseline_block(cfg, b, p, kind, rng) for b, p in zip(cfg.blocks, params["blocks"])]
     return cfg, {**params, "blocks": blocks}
+
+
+def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *, seq_len: int,
+                   baselines=BASELINES, seed: int = 0, method: str = "block_influence", steps=None,
+                   batch_size: int = 8, progress: bool = False) -> dict:
+    """Importance check: perplexity at each rate for UniQL's order and the data-free baselines,
+    all pruned with the same allocation table (computed once: the block influence does not
+    depend on channel order, since every order computes the same function).
+
+    Returns {"rates": [...], "dense_ppl": float, "table": {...}, "ppl": {"uniql": [...], kind: [...]},
+    "timings_s": {...}}.
+    """
+    from uniql_jax.compress.allocate import allocate, evaluate_rates
+    from uniql_jax.eval import perplexity
+
+    rates = [float(r) for r in rates]
+    t0 = time.perf_counter()
+    table = allocate(cfg, params, calib, rates, method=method, steps=steps, batch_size=batch_size)
+    t1 = time.perf_counter()
+    ordered = {"uniql": sort(cfg, params, calib, progress=progress, batch_size=batch_size)[1]}
+    t2 = time.perf_counter()
+    for kind in baselines:
+        ordered[kind] = baseline_order(cfg, params, kind, seed)[1]
+    ppl = {name: [row["ppl"] for row in evaluate_rates(cfg, p, table, eval_tokens, seq_len=seq_len)]
+           for name, p in ordered.items()}
+    return {"rates": rates, "dense_ppl": perplexity(cfg, params, eval_tokens, seq_len=seq_len),
+            "table": table, "ppl": ppl,
+            "timings_s": {"allocate": t1 - t0, "sort": t2 - t1, "evaluate": time.perf_counter() - t2}}

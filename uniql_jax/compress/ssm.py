@@ -90,19 +90,18 @@ def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
 
 
 # ----------------------------------------------------------------------------- orders
-def state_order_uniql(cfg, stats: dict) -> np.ndarray:
-    """d_state order [R_g, N]: Σ_{h in g} ‖C_ΔB^{1/2}‖ ⊙ ‖C_C^{1/2}‖."""
+def state_scores_uniql(cfg, stats: dict) -> np.ndarray:
+    """d_state scores [R_g, N]: Σ_{h in g} ‖C_ΔB^{1/2}‖_col ⊙ ‖C_C^{1/2}‖_col."""
     n = stats["tokens"]
     dB = lowrank.sqrt_col_norms(_np(stats["dB_sq"]) / n)  # [H, N]
     dB = dB.reshape(cfg.ssm_groups, -1, dB.shape[-1])  # [g, h, n]
     Cn = lowrank.sqrt_col_norms(_np(stats["C_sq"]) / n)  # [g, n]
-    return lowrank.descending_order((dB * Cn[:, None]).sum(axis=1))
+    return (dB * Cn[:, None]).sum(axis=1)
 
 
-def head_dim_order_uniql(stats: dict, lam: float = 1.0) -> np.ndarray:
-    """head_dim order [H, C]: ridge leverage of each head's state correlation."""
-    lev = lowrank.ridge_leverage(_np(stats["state_corr"]) / stats["tokens"], lam)
-    return lowrank.descending_order(np.asarray(lev))
+def head_dim_scores_uniql(stats: dict, lam: float = 1.0) -> np.ndarray:
+    """head_dim scores [H, C]: ridge leverage of each head's state correlation."""
+    return np.asarray(lowrank.ridge_leverage(_np(stats["state_corr"]) / stats["tokens"], lam))
 
 
 def state_order_magnitude(p: dict) -> np.ndarray:
@@ -139,7 +138,8 @@ def permute_mixer(p: dict, state_order_GxN, head_order_HxC) -> dict:
 
 def sort_block(cfg, blk, p: dict, stats: dict, *, lam: float = 1.0) -> dict:
     """UniQL sorting of one Mamba2 block from its statistics (`collect` summed)."""
-    return permute_mixer(p, state_order_uniql(cfg, stats), head_dim_order_uniql(stats, lam))
+    return permute_mixer(p, lowrank.descending_order(state_scores_uniql(cfg, stats)),
+                         lowrank.descending_order(head_dim_scores_uniql(stats, lam)))
 
 
 def baseline_block(cfg, blk, p: dict, kind: str, rng: np.random.Generator) -> dict:
