@@ -116,6 +116,7 @@ def run(argv=None) -> Path:
     with common.staged_output(out, args.overwrite) as tmp:
         meta = {k: report[k] for k in ("arch", "model", "quantizer", "bits", "group_size", "seed", "seq_len",
                                         "calib", "eval")}
+        meta["eval_source"] = args.eval  # None: the held-out TinyStories default
         uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
         common.save_tokenizer(tokenizer, tmp / "tokenizer")
         common.write_json(tmp / "report.json", report)

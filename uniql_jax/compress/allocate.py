@@ -169,5 +169,5 @@ def evaluate_rates(cfg: ModelConfig, params: dict, table: dict, tokens, *, seq_l
     for r in sorted(table, key=float):
         cfg_p, params_p = prune(cfg, params, r, table)
         ppl = perplexity(cfg_p, params_p, tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
-        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": qarray.nbytes(params_p)})
+        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": qarray.deployed_bytes(params_p)})
     return rows

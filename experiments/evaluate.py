@@ -1,0 +1,86 @@
+"""Perplexity of a compressed checkpoint over a grid of pruning rates.
+
+    python -m experiments.evaluate --ckpt runs/llama-.../ [--rates 0,0.25] [--eval FILE] [--seq-len 256] [--json]
+
+The full-rank model is read once; each rate is sliced in memory and evaluated with
+one compiled program per distinct model shape (the compile count is reported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from experiments import common
+
+log = logging.getLogger("evaluate")
+
+
+def build_parser():
+    p = common.Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="output folder of experiments.compress (or its checkpoint/ folder)")
+    p.add_argument("--rates", help="comma-separated rates to evaluate (default: every stored rate)")
+    p.add_argument("--eval", help="evaluation text file or dataset id (default: the one recorded at compression)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the one recorded at compression)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--json", action="store_true", help="print the rates list as JSON on stdout instead of a table")
+    return p
+
+
+def checkpoint_dir(path: Path) -> tuple[Path, Path]:
+    """(run folder with the tokenizer, checkpoint folder) of --ckpt."""
+    path = Path(path)
+    if (path / "checkpoint").is_dir():
+        return path, path / "checkpoint"
+    if (path.parent / "tokenizer").exists():
+        return path.parent, path
+    if not path.exists():
+        raise common.UsageError(f"--ckpt {path}: no such directory")
+    return path, path
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from uniql_jax import checkpoint
+    from uniql_jax.compress.allocate import param_count
+    from uniql_jax.eval import window_nll, perplexity
+    from uniql_jax.quant.qarray import deployed_bytes
+
+    run_dir, ckpt = checkpoint_dir(args.ckpt)
+    info = checkpoint.read_info(ckpt)
+    stored = sorted(info.table) or [0.0]
+    rates = common.parse_rates(args.rates) if args.rates else stored
+    for r in rates:
+        checkpoint.resolve_rate(info.cfg, info.table, r)  # out of range / not stored: one-line error before any work
+    seq_len = args.seq_len or int(info.meta.get("seq_len", 256))
+    tokenizer = common.load_saved_tokenizer(run_dir)
+    eval_spec = args.eval or info.meta.get("eval_source")
+    tokens = common.token_source(eval_spec, tokenizer, "heldout")
+    model = checkpoint.ElasticModel.from_checkpoint(ckpt)
+    before = window_nll._cache_size()
+    rows = []
+    for r in rates:
+        cfg, params = model.set_rate(r)
+        ppl = perplexity(cfg, params, tokens, seq_len=seq_len, batch_size=args.batch_size)
+        rows.append({"rate": r, "ppl": ppl, "params": param_count(cfg), "param_bytes": deployed_bytes(params)})
+        log.info("rate %.2f: perplexity %.4f", r, ppl)
+    compiles = window_nll._cache_size() - before
+    log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'rate':>6} {'ppl':>10} {'params':>10} {'MB':>8}")
+        for row in rows:
+            print(f"{row['rate']:>6.2f} {row['ppl']:>10.4f} {row['params']:>10d} {row['param_bytes'] / 1e6:>8.3f}")
+    return rows, compiles
+
+
+def main(argv=None):
+    common.main_guard(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
