@@ -13,6 +13,12 @@ from uniql_jax.quant import uniquan as un
 BITS, GROUP = 3, 16
 
 
+@jax.jit
+def _rtn_dense(w):
+    """Symmetric round-to-nearest baseline (qarray), dequantized."""
+    return qarray.dequantize(qarray.quantize_rtn(w, bits=BITS, group_size=GROUP))
+
+
 def _weights(shape, seed=0, scale=0.1):
     """Heavy-tailed, LLM-like weights (numpy: no compilation for test data)."""
     return jnp.asarray(np.random.default_rng(seed).standard_t(4.0, shape) * scale, jnp.float32)
@@ -58,6 +64,16 @@ def test_folded_bcq_equals_fake_quant(trained):
     alpha = np.asarray(folded32.alpha)  # [G, k, Dout]
     assert np.all(alpha >= 0) and np.all(np.diff(alpha, axis=1) <= 0)
     assert folded.bits == BITS and folded.shape == w.shape and folded.axis == 0
+
+
+def test_fold_on_a_weight_quantized_along_a_middle_axis():
+    w = _weights((2, 32, 8), seed=9)  # e.g. o_proj [heads, rank, D] grouped along rank
+    qp, qb = un.unified_init(w, bits=BITS, group_size=GROUP, axis=1)
+    qp = _perturbed(qp)
+    folded = un.fold_to_bcq(w, qp, qb, scale_dtype=jnp.float32)
+    assert folded.planes.shape == (2, 4, BITS, 8) and folded.alpha.shape == (2, 2, BITS, 8) and folded.axis == 1
+    w_fq = un.fake_quant(w, qp, un.full_assignment(w, qp, qb))
+    assert float(jnp.max(jnp.abs(folded.dequantize() - w_fq))) <= 1e-6
 
 
 def test_gradients_straight_through_exact_alpha_and_filtering(trained):
@@ -179,7 +195,7 @@ def test_unified_init_never_worse_than_minmax_uniform():
     err_uq = jnp.sum((uq - rows) ** 2, -1)
     assert bool(jnp.all(err_init <= err_uq * (1 + 1e-4) + 1e-9))
     assert float(err_init.sum()) < 0.8 * float(err_uq.sum())
-    err_rtn = float(jnp.sum((qarray.dequantize(qarray.quantize_rtn(w, bits=BITS, group_size=GROUP)) - w) ** 2))
+    err_rtn = float(jnp.sum((_rtn_dense(w) - w) ** 2))
     assert float(err_init.sum()) < 0.5 * err_rtn
 
 
@@ -199,8 +215,7 @@ def test_reconstruction_reduces_block_error_below_init_and_rtn():
     def dense(weights):
         return {name: {"w": weights[f"{name}/w"]} for name in ("up", "down")}
 
-    rtn = dense({f"{n}/w": qarray.dequantize(qarray.quantize_rtn(params[n]["w"], bits=BITS, group_size=GROUP))
-                 for n in ("up", "down")})
+    rtn = dense({f"{n}/w": _rtn_dense(params[n]["w"]) for n in ("up", "down")})
     kw = dict(lr=5e-3, seed=0, bits=BITS, group_size=GROUP)
     init = un.reconstruct_block(apply_fn, params, ["up/w", "down/w"], x_fp, x_q, y_fp, steps=0, **kw)
     losses = []

@@ -85,7 +85,7 @@ def is_bcq(x) -> bool:
     return isinstance(x, BCQArray)
 
 
-def _check(bits: int, group_size: int, n: int):
+def check_layout(bits: int, group_size: int, n: int):
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in [1, {MAX_BITS}], got {bits}")
     if group_size % 8 or n % group_size:
@@ -164,7 +164,7 @@ def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis
     shape = tuple(shape)
     axis = axis % len(shape)
     bits = alpha_RxK.shape[-1]
-    _check(bits, group_size, shape[axis])
+    check_layout(bits, group_size, shape[axis])
     lead = _lead_shape(shape, group_size, axis)
     patterns = from_rows(patterns_RxS, shape, group_size, axis)  # logical shape
     bits_kx = (patterns[..., None] >> (bits - 1 - jnp.arange(bits, dtype=jnp.int32))) & 1  # shape + (k,)
@@ -446,7 +446,7 @@ def bcq_fit(W: jax.Array, *, bits: int, group_size: int, rounds: int = 15, axis:
     nearest stored levels, so the packed weight is exactly what was evaluated last.
     """
     axis = axis % W.ndim
-    _check(bits, group_size, W.shape[axis])
+    check_layout(bits, group_size, W.shape[axis])
     x = to_rows(W.astype(jnp.float32), group_size, axis)  # [R, g]
     alpha, offset, _, _ = alternating_fit_rows(x, bits=bits, rounds=rounds)
     alpha = alpha.astype(SCALE_DTYPE).astype(jnp.float32)

@@ -1,11 +1,13 @@
 """UniQuanF: binary-coding quantization trained like uniform quantization (pure core).
 
-Implements UNIQUAN.md "UniQuanF" for one linear ``W [Din, Dout]`` (``y = x @ W``),
-groups of ``group_size`` along ``Din``, and a generic block-reconstruction driver.
-Everything is a pure function of arrays; the model walk lives elsewhere.
+Implements UNIQUAN.md "UniQuanF" for one linear weight, ``W [Din, Dout]`` (``y = x @ W``)
+with groups of ``group_size`` along ``Din`` (``axis=0``) or any weight grouped along its
+quantized ``axis``, and a generic block-reconstruction driver. Everything is a pure
+function of arrays; the model walk lives elsewhere.
 
 Row layout (``bcq.to_rows``): ``R = (Din / g) * Dout`` rows of ``g`` weights, one row
-per (group, output column). Per row, with ``c = (2^k - 1) / 2``:
+per (group, output column) (in general: per group and position of the other axes).
+Per row, with ``c = (2^k - 1) / 2``:
 
 * trainable ``UniQuanParams``: ``delta1 [R]`` (log UQ step, ``s = exp(delta1)``),
   ``delta2 [R, g]`` (element-wise FlexRound divisor, init 0), ``delta3 [R]`` (init 0),
@@ -62,6 +64,7 @@ class UniQuanBuffers:
     shift: jax.Array  # [R]     z_b, BCQ offset in the normalized domain
     patterns: jax.Array  # int32 [R, g] current assignment (sign pattern per weight)
     group_size: int = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(metadata=dict(static=True), default=0)  # quantized (input) axis of W
 
 
 def _half_range(bits: int) -> float:
@@ -73,10 +76,10 @@ def _half_range(bits: int) -> float:
 # ---------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "rounds", "clip_ratios"))
-def unified_init(W: jax.Array, *, bits: int, group_size: int, rounds: int = 15,
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "axis", "rounds", "clip_ratios"))
+def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rounds: int = 15,
                  clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
-    """UNIQUAN.md "Unified initialization" for ``W [Din, Dout]``.
+    """UNIQUAN.md "Unified initialization" for ``W [Din, Dout]`` (groups along ``axis``).
 
     For each clipping ratio r: UQ min-max step ``s = r (max - min) / (2^k - 1)`` and a
     zero point centring the range, normalize ``x' = w / s + z - c``, run the
@@ -87,8 +90,10 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, rounds: int = 15,
 
     Returns ``(UniQuanParams, UniQuanBuffers)`` with ``delta2 = delta3 = 0``.
     """
+    axis = axis % W.ndim
+    bcq.check_layout(bits, group_size, W.shape[axis])
     c = _half_range(bits)
-    w = bcq.to_rows(W.astype(jnp.float32), group_size, 0)  # [R, g]
+    w = bcq.to_rows(W.astype(jnp.float32), group_size, axis)  # [R, g]
     w_max, w_min = jnp.max(w, axis=-1), jnp.min(w, axis=-1)
     center = 0.5 * (w_max + w_min)
     R = w.shape[0]
@@ -116,7 +121,7 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, rounds: int = 15,
              jnp.zeros((R, g), jnp.int32))
     (_, s, z, alpha, shift, patterns), _ = jax.lax.scan(candidate, empty, jnp.asarray(clip_ratios, jnp.float32))
     params = UniQuanParams(jnp.log(s), jnp.zeros((R, g), jnp.float32), jnp.zeros((R,), jnp.float32), alpha)
-    return params, UniQuanBuffers(z, shift, patterns, group_size)
+    return params, UniQuanBuffers(z, shift, patterns, group_size, axis)
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: 
     assignment under the current parameters, otherwise the assignment is reused."""
 
     def local(_):
-        _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, 0), qp, qb)
+        _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
         return local_patterns(jax.lax.stop_gradient(u), jax.lax.stop_gradient(qp.alpha), qb.patterns)
 
     patterns = jax.lax.cond(step % period == 0, local, lambda _: qb.patterns, None)
@@ -167,13 +172,13 @@ def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: 
 @jax.jit
 def full_assignment(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers) -> UniQuanBuffers:
     """The assignment recomputed by full search over all 2^k levels (the final mapping)."""
-    _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, 0), qp, qb)
+    _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
     return dataclasses.replace(qb, patterns=bcq.nearest_patterns(u, qp.alpha))
 
 
 @functools.partial(jax.jit, static_argnames=("gradient_filtering",))
 def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_filtering: bool = True) -> jax.Array:
-    """Transform -> map (fixed assignment ``qb.patterns``) -> de-transform; float32 [Din, Dout].
+    """Transform -> map (fixed assignment ``qb.patterns``) -> de-transform; float32, shape of W.
 
     Gradients (UNIQUAN.md "Gradients"): straight-through from the mapped level to ``w~``
     (reaching delta1, delta2, delta3), ``s`` directly, and ``dq/dalpha_i = b_i`` exactly
@@ -181,7 +186,7 @@ def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_
     the straight-through and the alpha path are cut for that element.
     """
     c = _half_range(qp.alpha.shape[-1])
-    w = bcq.to_rows(W.astype(jnp.float32), qb.group_size, 0)  # [R, g]
+    w = bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis)  # [R, g]
     w_tilde, u = transform_rows(w, qp, qb)
     q = bcq.level_values(qb.patterns, qp.alpha)  # [R, g]
     if gradient_filtering:
@@ -191,7 +196,7 @@ def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_
         w_tilde = jnp.where(keep, w_tilde, jax.lax.stop_gradient(w_tilde))
     w_int = q + qb.shift[:, None] + c + (w_tilde - jax.lax.stop_gradient(w_tilde))  # value q + z_b + c
     w_hat = (w_int - qb.zero[:, None]) * jnp.exp(qp.delta1)[:, None]
-    return bcq.from_rows(w_hat, W.shape, qb.group_size, 0)
+    return bcq.from_rows(w_hat, W.shape, qb.group_size, qb.axis)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_dtype",))
@@ -209,7 +214,7 @@ def fold_to_bcq(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, scale_dt
     s = jnp.exp(qp.delta1)
     alpha, patterns = bcq.canonical_rows(s[:, None] * qp.alpha, qb.patterns)
     offset = s * (qb.shift + c - qb.zero)
-    return bcq.pack_rows(patterns, alpha, offset, shape=W.shape, group_size=qb.group_size, axis=0,
+    return bcq.pack_rows(patterns, alpha, offset, shape=W.shape, group_size=qb.group_size, axis=qb.axis,
                          scale_dtype=scale_dtype)
 
 
@@ -258,14 +263,17 @@ def reconstruct_block(
     mix_prob: float = 0.5,
     rounds: int = 15,
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
+    axes: dict | None = None,
     gradient_filtering: bool = True,
     progress: Callable[[int, float], None] | None = None,
     log_every: int = 100,
 ) -> dict:
     """UniQuanF block-by-block reconstruction (UNIQUAN.md "Objective"), folded to BCQ.
 
-    ``apply_fn(params, x)`` is the block's pure forward; ``linear_paths`` name 2-D weights
-    ``[Din, Dout]`` inside the nested-dict ``block_params`` (tuples of keys or "a/b/c").
+    ``apply_fn(params, x)`` is the block's pure forward; ``linear_paths`` name weights
+    ``[Din, Dout]`` inside the nested-dict ``block_params`` (tuples of keys or "a/b/c"),
+    quantized along axis 0, or along ``axes[path]`` for other layouts (e.g. an o_proj
+    ``[heads, rank, D]`` along its rank axis).
     Calibration: ``x_fp_in`` / ``x_q_in`` [N, ...] the block inputs in the full-precision
     and the already-quantized model, ``y_fp_out`` [N, ...] the full-precision block output.
 
@@ -279,24 +287,20 @@ def reconstruct_block(
     Returns ``{path: BCQArray}`` keyed as given in ``linear_paths``.
     """
     paths = [_as_path(p) for p in linear_paths]
+    axes = {_as_path(p): a for p, a in (axes or {}).items()}
     weights = {p: tree_get(block_params, p) for p in paths}
-    for p, w in weights.items():
-        if w.ndim != 2:
-            raise ValueError(f"{'/'.join(map(str, p))}: expected a 2-D weight [Din, Dout], got shape {w.shape}")
     qparams, qbuffers = {}, {}
     for p in paths:
-        qparams[p], qbuffers[p] = unified_init(weights[p], bits=bits, group_size=group_size, rounds=rounds,
-                                               clip_ratios=clip_ratios)
+        qparams[p], qbuffers[p] = unified_init(weights[p], bits=bits, group_size=group_size, axis=axes.get(p, 0),
+                                               rounds=rounds, clip_ratios=clip_ratios)
 
-    def labels(qp):
-        return UniQuanParams("delta", "delta", "delta", "alpha")
-
+    labels = UniQuanParams("delta", "delta", "delta", "alpha")  # the optax partition of one quantizer
     tx = optax.multi_transform(
         {"delta": optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1))),
          "alpha": optax.adam(optax.cosine_decay_schedule(lr * alpha_lr_ratio, max(steps, 1)))},
-        {p: labels(qp) for p, qp in qparams.items()},
+        {p: labels for p in paths},
     )
-    opt_state = tx.init(qparams)
+    opt_state = jax.jit(tx.init)(qparams)  # one compilation instead of one per eager op
     n_samples = x_fp_in.shape[0]
 
     @jax.jit
@@ -322,11 +326,10 @@ def reconstruct_block(
         return optax.apply_updates(qparams, updates), opt_state, qbuffers, loss
 
     data = (x_fp_in, x_q_in, y_fp_out)
-    key = jax.random.PRNGKey(seed)
+    step_keys = jax.random.split(jax.random.PRNGKey(seed), max(steps, 1))
     for step in range(steps):
-        key, sub = jax.random.split(key)
         qparams, opt_state, qbuffers, loss = train_step(qparams, opt_state, qbuffers, block_params, data,
-                                                        jnp.int32(step), sub)
+                                                        jnp.int32(step), step_keys[step])
         if progress is not None and (step % log_every == 0 or step == steps - 1):
             progress(step, float(loss))
     folded = {p: fold_to_bcq(weights[p], qparams[p], qbuffers[p]) for p in paths}
