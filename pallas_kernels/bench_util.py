@@ -1,8 +1,8 @@
 """Timing and reporting shared by the per-op `bench.py` scripts.
 
-Timing method: one jitted program makes `calls` independent calls of the function on
-rotating copies of its inputs (distinct buffers, together larger than the GPU's L2 cache when
-the inputs are large), so that (a) Python dispatch is paid once per program, not per call,
+Timing method: one jitted program makes `calls` independent calls of the function, each on a
+different activation and on rotating copies of the large inputs (distinct buffers, together
+larger than the GPU's L2 cache), so that (a) Python dispatch is paid once per program, not per call,
 which matters for microsecond decode kernels, and (b) a weight is read from HBM, not from L2,
 as it is in a real decode step. Reported time = median over repeats of program time / calls.
 
@@ -56,12 +56,16 @@ def copies_for(bytes_per_copy: int, max_copies: int = 32) -> int:
     return int(min(max_copies, max(2, math.ceil(L2_BYTES_TO_DEFEAT / max(bytes_per_copy, 1)))))
 
 
-def time_calls(fn: Callable, arg_sets: Sequence[tuple], *, calls: int, repeats: int):
-    """(median seconds per call, output of the first call) of fn over `calls` calls cycling
-    through arg_sets, all in one compiled program."""
+def time_calls(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int):
+    """(median seconds per call, output of the first call): fn called once on each arg set,
+    all calls in one compiled program.
+
+    The arg sets must be pairwise distinct (e.g. a different x per call): XLA merges identical
+    computations, which would make repeated calls free and the timing wrong.
+    """
 
     def many(arg_sets):
-        return [fn(*arg_sets[c % len(arg_sets)]) for c in range(calls)]
+        return [fn(*args) for args in arg_sets]
 
     program = jax.jit(many)
     first = jax.block_until_ready(program(arg_sets))[0]  # compile + warm up
@@ -69,7 +73,7 @@ def time_calls(fn: Callable, arg_sets: Sequence[tuple], *, calls: int, repeats: 
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(program(arg_sets))
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append((time.perf_counter() - start) / len(arg_sets))
     return statistics.median(samples), first
 
 
@@ -160,17 +164,21 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
         weights = [w0] + [make_weight(jax.random.fold_in(key, 1000 + c), kin, n) for c in range(1, n_w)]
         dense = [jax.jit(dense_weight, static_argnums=1)(weights[c % n_w], dtype) for c in range(n_dense)]
         for batch in args.batches:
-            x = jax.random.normal(jax.random.fold_in(key, batch), (batch, kin), jnp.float32).astype(dtype)
+            # a different x per call (no two calls identical), weights rotating through the copies
+            xs = [jax.random.normal(jax.random.fold_in(key, batch * 1000 + c), (batch, kin), jnp.float32).astype(dtype)
+                  for c in range(args.calls)]
             x_bytes, y_bytes = batch * kin * jnp.dtype(dtype).itemsize, batch * n * jnp.dtype(dtype).itemsize
+            dense_sets = [(x, dense[c % n_dense]) for c, x in enumerate(xs)]
+            packed_sets = [(x, weights[c % n_w]) for c, x in enumerate(xs)]
             t_dense, _ = time_calls(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype),
-                                    [(x, d) for d in dense], calls=args.calls, repeats=args.repeats)
-            t_deq, want = time_calls(dequant_dot, [(x, w) for w in weights], calls=args.calls, repeats=args.repeats)
+                                    dense_sets, repeats=args.repeats)
+            t_deq, want = time_calls(dequant_dot, packed_sets, repeats=args.repeats)
             for path, select in kernels.items():
                 fn = select(batch)
                 if fn is None:
                     continue
-                t, got = time_calls(fn, [(x, w) for w in weights], calls=args.calls, repeats=args.repeats)
-                err = max_rel_err(got, want)  # first call: x @ weights[0] in both
+                t, got = time_calls(fn, packed_sets, repeats=args.repeats)
+                err = max_rel_err(got, want)  # first call: xs[0] @ weights[0] in both
                 moved = w_bytes + x_bytes + y_bytes
                 rows.append(dict(
                     op=op, kin=kin, n=n, batch=batch, path=path, dtype=jnp.dtype(dtype).name,

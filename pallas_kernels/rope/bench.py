@@ -49,8 +49,11 @@ def main():
             qk_bytes = bench_util.nbytes(inputs[:2])
             copies = [inputs] + [make_inputs(bench_util.bench_key(c), batch, tokens, pairs)
                                  for c in range(1, bench_util.copies_for(qk_bytes))]
-            t, got = bench_util.time_calls(fused, copies, calls=args.calls, repeats=args.repeats)
-            t_xla, want = bench_util.time_calls(reference.rope, copies, calls=args.calls, repeats=args.repeats)
+            # positions shifted per call (no two calls identical), q/k rotating through the copies
+            arg_sets = [(*copies[c % len(copies)][:2], copies[c % len(copies)][2] + c, *inputs[3:])
+                        for c in range(args.calls)]
+            t, got = bench_util.time_calls(fused, arg_sets, repeats=args.repeats)
+            t_xla, want = bench_util.time_calls(reference.rope, arg_sets, repeats=args.repeats)
             err = max(bench_util.max_rel_err(g, w) for g, w in zip(got, want))  # first call: copies[0] in both
             moved = 2 * qk_bytes + bench_util.nbytes(inputs[2:])  # q, k read and written once
             rows.append(dict(op="rope", batch=batch, tokens=tokens, pairs=pairs, kv_heads=KV_HEADS, groups=GROUPS,

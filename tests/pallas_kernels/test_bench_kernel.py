@@ -41,7 +41,7 @@ def test_matmul_bench_small(module, op, paths, monkeypatch, tmp_path):
 
 
 def test_rope_bench_small(monkeypatch, tmp_path):
-    report = run_bench(rope_bench, monkeypatch, tmp_path, "--shapes", "2x3")
+    report = run_bench(rope_bench, monkeypatch, tmp_path, "--shapes", "2x3", "--calls", "2")
     [row] = report["rows"]
     assert (row["batch"], row["tokens"], row["pairs"]) == (2, 3, 12)
     assert row["kernel_us"] > 0 and row["xla_us"] > 0
