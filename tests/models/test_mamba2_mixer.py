@@ -70,14 +70,13 @@ def run(m, x, cache=None, mask=None):
 
 # ----------------------------------------------------------------------------- SSD core
 def random_ssd_inputs(b=2, T=13, H=6, P=3, Rg=3, N=5, seed=0):
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    x = jax.random.normal(k[0], (b, T, H, P))
-    dt = jax.nn.softplus(jax.random.normal(k[1], (b, T, H)) - 1.0)
-    A = -jnp.exp(jax.random.normal(k[2], (H,)))
-    B = jax.random.normal(k[3], (b, T, Rg, N))
-    C = jax.random.normal(k[4], (b, T, Rg, N))
-    h0 = jax.random.normal(k[5], (b, H, P, N))
-    return x, dt, A, B, C, h0
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, T, H, P))
+    dt = np.log1p(np.exp(rng.standard_normal((b, T, H)) - 1.0))  # softplus
+    A = -np.exp(rng.standard_normal(H))
+    B, C = rng.standard_normal((b, T, Rg, N)), rng.standard_normal((b, T, Rg, N))
+    h0 = rng.standard_normal((b, H, P, N))
+    return tuple(jnp.asarray(u, jnp.float32) for u in (x, dt, A, B, C, h0))
 
 
 chunked = jax.jit(ssd_chunked, static_argnums=5)
@@ -86,7 +85,7 @@ sequential = jax.jit(ssd_sequential)
 
 @pytest.mark.parametrize("chunk,Rg,with_h0", [
     (1, 1, False), (13, 3, True),  # chunk sizes dividing T = 13
-    (4, 3, False), (5, 6, True), (16, 1, True),  # and not dividing it (16 > T: one padded chunk)
+    (5, 6, True), (16, 1, True),  # and not dividing it (16 > T: one padded chunk)
 ])
 def test_chunked_scan_equals_sequential_recurrence(chunk, Rg, with_h0):
     x, dt, A, B, C, h0 = random_ssd_inputs(Rg=Rg)
@@ -101,7 +100,7 @@ def test_chunked_scan_equals_sequential_recurrence(chunk, Rg, with_h0):
 def test_recurrent_step_is_the_ssm_recurrence():
     """One step written out with explicit loops over heads: h' = exp(dt A) h + dt x B^T, y = h' C."""
     x, dt, A, B, C, h0 = random_ssd_inputs(b=1, T=1, H=4, P=2, Rg=2, N=3)
-    y, h = ssd_recurrent_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    y, h = jax.jit(ssd_recurrent_step)(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     x, dt, A, B, C, h0 = (np.asarray(u, np.float64) for u in (x, dt, A, B, C, h0))
     for head in range(4):
         g = head // 2  # 2 heads per group
@@ -111,7 +110,7 @@ def test_recurrent_step_is_the_ssm_recurrence():
 
 
 # ----------------------------------------------------------------------------- module
-@pytest.mark.parametrize("Rg,chunk,conv_bias", [(1, 4, True), (2, 5, False), (4, 16, True)])
+@pytest.mark.parametrize("Rg,chunk,conv_bias", [(1, 4, True), (2, 16, False)])  # T = 11: neither divides
 def test_cached_decoding_equals_full_forward(Rg, chunk, conv_bias):
     cfg = ssm_config(Rg=Rg, chunk=chunk, limit=(0.02, 0.6), conv_bias=conv_bias)
     m = random_mixer(cfg, seed=Rg)
@@ -149,8 +148,10 @@ def assert_same(a, b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("n,c", [(3, 4), (8, 2), (1, 1)])
+@pytest.mark.parametrize("n,c", [(3, 4), (8, 1)])
 def test_masked_equals_sliced(n, c):
+    """Also defect 2 of the reference: a gated norm over the full group (masked zeros counted)
+    would scale the masked output by sqrt(kept / full) and fail this comparison."""
     cfg = ssm_config(Rg=2, N=8, P=6, chunk=4)
     params = random_params(cfg, seed=7)
     full = build_mixer(cfg, cfg.blocks[0], params)
@@ -164,7 +165,9 @@ def test_masked_equals_sliced(n, c):
     mask = {"d_state": jnp.int32(n), "head_dim": jnp.int32(c)}
     masked, _ = run(full, x, None, mask)
     assert_same(masked, sliced)
-    assert max_rel_err(run(full, x)[0], sliced) > 1e-3  # the mask does remove something
+    unmasked, _ = run(full, x, None, {"d_state": jnp.int32(8), "head_dim": jnp.int32(6)})  # same trace
+    assert_same(unmasked, run(full, x)[0])
+    assert max_rel_err(unmasked, sliced) > 1e-3  # the mask does remove something
 
     # cached decoding under the mask equals the sliced block's cached decoding
     cm = init_mamba2_cache(cfg, cfg.blocks[0], 2, 9, jnp.float32)
@@ -175,21 +178,6 @@ def test_masked_equals_sliced(n, c):
         (ym, cm), (ys, cs) = run(full, x[:, t:t + 1], cm, mask), run(small, x[:, t:t + 1], cs)
         assert_same(ym, ys)
     assert_same(cm["ssm"][:, :, :c, :n], cs["ssm"])
-
-
-def test_gated_norm_counts_only_kept_channels():
-    """Defect 2 of the reference: normalizing over the full group (masked zeros included) would
-    scale the output by sqrt(kept / full); our masked output must not carry that factor."""
-    cfg = ssm_config(Rg=1, P=8)
-    params = random_params(cfg, seed=1)
-    m = build_mixer(cfg, cfg.blocks[0], params)
-    small_blk = Mamba2Block(0, cfg.ssm_state, 2)
-    small = build_mixer(cfg.with_blocks([small_blk]), small_blk, slice_mixer_params(params, cfg.ssm_state, 2))
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, cfg.hidden_size))
-    masked, _ = run(m, x, None, {"d_state": cfg.ssm_state, "head_dim": 2})
-    sliced, _ = run(small, x)
-    ratio = float(jnp.linalg.norm(masked) / jnp.linalg.norm(sliced))
-    assert abs(ratio - 1.0) < 1e-5, ratio  # the defect would give sqrt(8 / 2) = 2
 
 
 # ----------------------------------------------------------------------------- transformers parity
