@@ -71,12 +71,12 @@ class Attention(nnx.Module):
                 m = keep_mask(blk.qk_pairs, mask["qk_pairs"], dt)
                 q, k = q * m, k * m  # the same pairs of both halves: pair-consistent
             inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, rope_scaling_dict(cfg))
-            cos, sin = rope_angles(positions, inv_freq, self.pair_index.get_value())
             if impl == "pallas":
                 from pallas_kernels.rope import api as rope_api
 
                 q, k = rope_api.rope(q, k, positions, self.pair_index.get_value(), inv_freq, implementation="pallas")
             else:
+                cos, sin = rope_angles(positions, inv_freq, self.pair_index.get_value())
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out["q"], out["k"] = q, k
         if blk.qk_pass:
