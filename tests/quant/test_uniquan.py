@@ -120,7 +120,7 @@ def _pattern_order_local(u, alpha, prev):
     return jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
 
 
-def _trajectory(w, qb, speed, steps=40, seed=4):
+def _trajectory(qb, speed, steps=40, seed=4):
     """Parameters drifting linearly: delta2 (moves u) and alpha (moves the levels).
 
     alpha starts at (1, 0.8, 0.5) per row: levels not sorted in sign-pattern order.
@@ -141,7 +141,7 @@ def _run_mapping(w, qb0, speed, local_fn=None):
     w_rows = bcq.to_rows(w, GROUP, 0)
     qb, mismatches, changed, worst = None, 0, 0, 0.0
     prev_u = prev_levels = None
-    for t, qp in _trajectory(w, qb0, speed):
+    for t, qp in _trajectory(qb0, speed):
         if qb is None:  # start from the full-search assignment
             qb = un.full_assignment(w, qp, qb0)
             start = qb.patterns

@@ -154,6 +154,12 @@ def _lead_shape(shape: tuple[int, ...], group_size: int, axis: int) -> tuple[int
 # ---------------------------------------------------------------------------
 
 
+def pack_planes(patterns: jax.Array, bits: int, axis: int) -> jax.Array:
+    """Sign patterns (logical shape) -> uint8 planes ``pre + (n/8, k) + post``, MSB plane first."""
+    bits_kx = (patterns[..., None] >> (bits - 1 - jnp.arange(bits, dtype=jnp.int32))) & 1  # shape + (k,)
+    return qarray.pack_codes(jnp.moveaxis(bits_kx, -1, axis + 1), 1, axis)  # 8 weights per byte along axis
+
+
 def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis: int,
               scale_dtype=SCALE_DTYPE) -> BCQArray:
     """Row-layout fit (sign patterns [R, g], alpha [R, k], offset [R]) -> packed ``BCQArray``.
@@ -166,10 +172,7 @@ def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis
     bits = alpha_RxK.shape[-1]
     check_layout(bits, group_size, shape[axis])
     lead = _lead_shape(shape, group_size, axis)
-    patterns = from_rows(patterns_RxS, shape, group_size, axis)  # logical shape
-    bits_kx = (patterns[..., None] >> (bits - 1 - jnp.arange(bits, dtype=jnp.int32))) & 1  # shape + (k,)
-    bits_kx = jnp.moveaxis(bits_kx, -1, axis + 1)  # pre + (n, k) + post
-    planes = qarray.pack_codes(bits_kx, 1, axis)  # pre + (n/8, k) + post
+    planes = pack_planes(from_rows(patterns_RxS, shape, group_size, axis), bits, axis)
     alpha = rows_to_groups(alpha_RxK, lead, axis).astype(scale_dtype)
     offset = offset_R.reshape(lead).astype(scale_dtype)
     return BCQArray(planes, alpha, offset, bits, group_size, axis, shape)
@@ -294,8 +297,7 @@ def _from_uniform(q: qarray.QArray):
     alpha32 = jnp.moveaxis(alpha32, -1, axis + 1)  # pre + (G, k) + post
     alpha16, offset16 = alpha32.astype(SCALE_DTYPE), offset32.astype(SCALE_DTYPE)
     exact = jnp.all(alpha16.astype(jnp.float32) == alpha32) & jnp.all(offset16.astype(jnp.float32) == offset32)
-    bits_kx = (codes[..., None] >> (bits - 1 - jnp.arange(bits, dtype=jnp.int32))) & 1
-    planes = qarray.pack_codes(jnp.moveaxis(bits_kx, -1, axis + 1), 1, axis)
+    planes = pack_planes(codes, bits, axis)
     return BCQArray(planes, alpha16, offset16, bits, q.group_size, axis, q.shape), exact
 
 

@@ -35,7 +35,6 @@ from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from uniql_jax.quant import bcq
