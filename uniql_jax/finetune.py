@@ -219,35 +219,51 @@ def step_keys(seed: int, step):
     return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), step))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
-def train_step(cfg: ModelConfig, lora_cfg: LoraConfig, tc: TrainConfig, state: dict, base: dict,
-               batch_MxBxT, stacked_masks, step):
-    """One optimizer step; state = {"lora", "opt"}; batch int32 [grad_accum, batch, T].
+def sample_rate_index(seed: int, step, n_rates: int):
+    """The rate index (into `mask_table`'s ascending rates) that optimizer step `step` trains."""
+    return jax.random.categorical(step_keys(seed, step)[0], rate_logits(n_rates))
 
-    Draws the step's rate index from `rate_logits` (one rate for all micro-batches),
-    accumulates the gradients of the micro-batches (each with its own dropout mask),
-    and applies AdamW. `base` (params in the compute dtype) is not differentiated.
-    Returns (state, {"loss", "rate_index", "grad_norm"}).
+
+def accumulated_grads(cfg: ModelConfig, lora_cfg: LoraConfig, lora: dict, base: dict, batch_MxBxT, masks,
+                      dropout_key=None):
+    """(mean loss, mean gradient w.r.t. `lora`) over M micro-batches int32 [M, B, T], scanned.
+
+    Micro-batch m uses dropout key fold_in(dropout_key, m); equal to one batch of M·B
+    windows when dropout is off (all windows have the same length).
     """
-    rate_key, drop_key = step_keys(tc.seed, step)
-    n_rates = jax.tree.leaves(stacked_masks)[0].shape[0]
-    rate_index = jax.random.categorical(rate_key, rate_logits(n_rates))
-    masks = mask_lib.select(stacked_masks, rate_index)
     grad_fn = jax.value_and_grad(loss)
 
     def micro(carry, inputs):
         grads_acc, loss_acc = carry
         tokens, m = inputs
-        value, grads = grad_fn(state["lora"], base, cfg, lora_cfg, tokens, masks, jax.random.fold_in(drop_key, m))
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, m)
+        value, grads = grad_fn(lora, base, cfg, lora_cfg, tokens, masks, key)
         return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + value), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state["lora"])
     M = batch_MxBxT.shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, lora)
     (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32)), (batch_MxBxT, jnp.arange(M)))
-    grads = jax.tree.map(lambda g: g / M, grads)
+    return total / M, jax.tree.map(lambda g: g / M, grads)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def train_step(cfg: ModelConfig, lora_cfg: LoraConfig, tc: TrainConfig, state: dict, base: dict,
+               batch_MxBxT, stacked_masks, step):
+    """One optimizer step; state = {"lora", "opt"}; batch int32 [grad_accum, batch, T].
+
+    Draws the step's rate index (`sample_rate_index`: one rate for all micro-batches),
+    accumulates the micro-batch gradients (`accumulated_grads`, each micro-batch with its
+    own dropout mask) and applies AdamW. `base` (params in the compute dtype) is not
+    differentiated. Returns (state, {"loss", "rate_index", "grad_norm"}).
+    """
+    n_rates = jax.tree.leaves(stacked_masks)[0].shape[0]
+    rate_index = sample_rate_index(tc.seed, step, n_rates)
+    masks = mask_lib.select(stacked_masks, rate_index)
+    value, grads = accumulated_grads(cfg, lora_cfg, state["lora"], base, batch_MxBxT, masks,
+                                     step_keys(tc.seed, step)[1])
     updates, opt = make_optimizer(tc).update(grads, state["opt"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
-    metrics = {"loss": total / M, "rate_index": rate_index, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": value, "rate_index": rate_index, "grad_norm": optax.global_norm(grads)}
     return {"lora": lora, "opt": opt}, metrics
 
 

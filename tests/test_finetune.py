@@ -1,0 +1,329 @@
+"""Masked LoRA fine-tuning (uniql_jax/finetune.py): properties that fail when the code is wrong.
+
+Tiny random models keep compilation short; the learning test uses the real stories260K.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import uniql_jax as uq
+from uniql_jax import finetune as ft
+from uniql_jax.compress import masks as mask_lib
+from uniql_jax.compress.allocate import allocate
+from uniql_jax.compress.prune import prune
+from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from uniql_jax.data import DataError
+from uniql_jax.eval import window_nll
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama() -> ModelConfig:
+    blocks = []
+    for layer in range(2):
+        blocks += [AttentionBlock(layer, 4, 0, 8), MLPBlock(layer, 64)]
+    return ModelConfig("llama", vocab_size=64, hidden_size=32, blocks=tuple(blocks), num_heads=4, num_kv_heads=2,
+                       head_dim=8, rotary_dim=8, intermediate_size=64)
+
+
+def tiny_bamba() -> ModelConfig:
+    """Mamba2 + MLP, then partial-rotary attention (2 pairs + 4 pass channels per head) + MLP."""
+    blocks = (Mamba2Block(0, 16, 16), MLPBlock(0, 64), AttentionBlock(1, 2, 4, 8), MLPBlock(1, 64))
+    return ModelConfig("bamba", vocab_size=64, hidden_size=32, blocks=blocks, num_heads=4, num_kv_heads=2,
+                       head_dim=8, rotary_dim=4, intermediate_size=64, ssm_heads=4, ssm_head_dim=16, ssm_groups=1,
+                       ssm_state=16, ssm_chunk_size=16)
+
+
+def uniform_table(cfg, rates):
+    return allocate(cfg, uq.init_params(cfg, 0), None, rates, method="uniform")
+
+
+def random_adapters(cfg, params, lora_cfg, seed=1):
+    """Adapters with non-zero B (a trained state), so merging changes every target."""
+    lora = ft.init_lora(cfg, params, lora_cfg, seed)
+    leaves, tree = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def synthetic_stream(n, vocab=64, seed=0):
+    """A learnable stream: a fixed random 'text' of 97 tokens repeated, with 10 % noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, vocab, 97)
+    stream = np.resize(base, n)
+    noise = rng.random(n) < 0.1
+    stream[noise] = rng.integers(0, vocab, noise.sum())
+    return stream.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- adapters and merge
+def test_zero_init_adapters_leave_the_model_unchanged_and_cover_every_target():
+    cfg = tiny_bamba()
+    params = uq.init_params(cfg, 0)
+    lora = ft.init_lora(cfg, params, ft.LoraConfig())
+    merged = ft.merge(params, lora, ft.LoraConfig())
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(merged)))
+    names = [set(a) for a in lora["blocks"]]
+    assert names == [{"in_proj", "out_proj"}, {"gate", "up", "down"}, {"q", "k", "v", "o"}, {"gate", "up", "down"}]
+    assert set(lora["blocks"][0]["in_proj"]["B"]) == {"z", "x", "B", "C", "dt"}
+    assert set(lora["blocks"][2]["q"]["B"]) == {"q", "q_pass"}
+    assert lora["blocks"][0]["in_proj"]["A"].shape == (32, 8)
+    assert lora["blocks"][2]["o"]["A"].shape == (2 * 2 * 8, 8)  # K·G·R input rows of o_proj
+
+
+def test_merged_update_is_one_rank_r_lora_per_hugging_face_linear():
+    """In HF layout every adapted linear changes by a matrix of rank exactly r (one shared A for
+    q/q_pass and for the five in_proj parts), and nothing else changes."""
+    from converters.mappings import bamba
+
+    cfg = tiny_bamba()
+    params = uq.init_params(cfg, 0)
+    lora_cfg = ft.LoraConfig(rank=3, alpha=6.0)
+    merged = ft.merge(params, random_adapters(cfg, params, lora_cfg), lora_cfg)
+    hf_view = lambda p: {k: np.asarray(v, np.float64)  # noqa: E731
+                         for k, v in bamba.params_to_hf(cfg, jax.tree.map(np.asarray, p)).items()}
+    before, after = hf_view(params), hf_view(merged)
+    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "out_proj")
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed == {k for k in before if any(f".{n}." in k for n in linears)}
+    assert len(changed) == 2 + 3 + 4 + 3
+    for k in changed:
+        delta = after[k] - before[k]
+        assert np.linalg.matrix_rank(delta, tol=1e-6 * np.abs(delta).max()) == 3, k
+
+
+def test_dropout_drops_adapter_input_features_with_the_right_rate():
+    cfg = tiny_llama()
+    params = uq.init_params(cfg, 0)
+    lora_cfg = ft.LoraConfig(dropout=0.25)
+    lora = random_adapters(cfg, params, lora_cfg)
+    plain = ft.merge(params, lora, lora_cfg)
+    dropped = ft.merge(params, lora, lora_cfg, jax.random.PRNGKey(0))
+    # up_proj: W' − W = s·diag(keep/(1−p))·A·B, so each input row is scaled by 0 or 1/(1−p)
+    d_plain = np.asarray(plain["blocks"][1]["up"] - params["blocks"][1]["up"])
+    d_drop = np.asarray(dropped["blocks"][1]["up"] - params["blocks"][1]["up"])
+    ratio = np.linalg.norm(d_drop, axis=1) / np.linalg.norm(d_plain, axis=1)
+    assert np.allclose(ratio[ratio < 0.5], 0.0, atol=1e-5)
+    assert np.allclose(ratio[ratio > 0.5], 1 / 0.75, rtol=1e-4)
+    assert 0 < np.mean(ratio < 0.5) < 0.6
+
+
+# ----------------------------------------------------------------------------- masked forward and rates
+def test_training_loss_at_each_rate_equals_the_sliced_merged_model():
+    """The loss the step differentiates (masked forward of W + AB at a rate's kept sizes) is the
+    loss of the deployed model: the merged weights sliced to that rate."""
+    cfg = tiny_bamba()
+    params = uq.init_params(cfg, 0)
+    table = uniform_table(cfg, [0.0, 0.25, 0.5])
+    lora_cfg = ft.LoraConfig()
+    lora = random_adapters(cfg, params, lora_cfg)
+    merged = ft.merge(params, lora, lora_cfg)
+    tokens = jnp.asarray(synthetic_stream(2 * 24).reshape(2, 24))
+    _, stacked = mask_lib.mask_table(cfg, table)
+    losses = []
+    for i, rate in enumerate(sorted(table)):
+        masked = float(ft.loss(lora, params, cfg, lora_cfg, tokens, mask_lib.select(stacked, i)))
+        cfg_p, params_p = prune(cfg, merged, rate, table)
+        sliced = float(jnp.sum(window_nll(cfg_p, params_p, tokens)) / (2 * 23))
+        assert masked == pytest.approx(sliced, rel=1e-5, abs=1e-6), rate
+        losses.append(masked)
+    assert len(set(np.round(losses, 5))) == 3  # the rates really differ
+
+
+def test_rate_sampling_favours_heavy_pruning_as_specified():
+    n, steps = 8, 20000
+    idx = np.asarray(jax.vmap(lambda s: ft.sample_rate_index(0, s, n))(jnp.arange(steps)))
+    freq = np.bincount(idx, minlength=n) / steps
+    expected = np.exp(-0.1 * (n - 1 - np.arange(n)))  # rate index n-1 = heaviest pruning = lowest keep ratio
+    expected /= expected.sum()
+    assert np.allclose(ft.rate_probs(n), expected)
+    assert np.all(np.abs(freq - expected) < 4 * np.sqrt(expected * (1 - expected) / steps))
+    assert freq.argmax() == n - 1 and freq.argmin() == 0
+
+
+# ----------------------------------------------------------------------------- the step
+def test_gradient_accumulation_equals_one_large_batch_and_the_step_uses_it():
+    cfg = tiny_llama()
+    params = uq.init_params(cfg, 0)
+    table = uniform_table(cfg, [0.0, 0.35])
+    _, stacked = mask_lib.mask_table(cfg, table)
+    lora_cfg = ft.LoraConfig(dropout=0.0)
+    lora = random_adapters(cfg, params, lora_cfg)
+    batch = jnp.asarray(synthetic_stream(4 * 16).reshape(4, 16))
+    masks = mask_lib.select(stacked, 1)
+    grads = jax.jit(ft.accumulated_grads, static_argnums=(0, 1))
+    l1, g1 = grads(cfg, lora_cfg, lora, params, batch.reshape(1, 4, 16), masks)
+    l2, g2 = grads(cfg, lora_cfg, lora, params, batch.reshape(2, 2, 16), masks)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # the step: its rate is the sampled one, its gradient the accumulated one, and it moves the adapters
+    tc = ft.TrainConfig(steps=10, lr=1e-2, warmup_steps=0, batch_size=2, grad_accum=2)
+    step = next(s for s in range(100) if int(ft.sample_rate_index(tc.seed, s, 2)) == 1)
+    state = {"lora": jax.tree.map(jnp.copy, lora), "opt": ft.make_optimizer(tc).init(lora)}
+    state, metrics = ft.train_step(cfg, lora_cfg, tc, state, params, batch.reshape(2, 2, 16), stacked,
+                                   jnp.int32(step))
+    assert int(metrics["rate_index"]) == 1
+    assert float(metrics["loss"]) == pytest.approx(float(l2), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax_norm(g2)), rel=1e-5)
+    assert not np.array_equal(state["lora"]["blocks"][1]["up"]["B"]["up"], lora["blocks"][1]["up"]["B"]["up"])
+
+
+def optax_norm(tree):
+    return np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(tree)))
+
+
+def test_bfloat16_compute_tracks_float32():
+    cfg = tiny_llama()
+    params = uq.init_params(cfg, 0)
+    lora_cfg = ft.LoraConfig(dropout=0.0)
+    lora = random_adapters(cfg, params, lora_cfg)
+    masks = mask_lib.masks_for(cfg, uniform_table(cfg, [0.35])[0.35])
+    tokens = jnp.asarray(synthetic_stream(4 * 32).reshape(4, 32))
+    grad = jax.jit(jax.value_and_grad(ft.loss), static_argnums=(2, 3))
+    l32, g32 = grad(lora, params, cfg, lora_cfg, tokens, masks)
+    l16, g16 = grad(lora, ft.cast_floats(params, jnp.bfloat16), cfg, lora_cfg, tokens, masks)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))  # adapters and their grads stay float32
+    assert float(l16) == pytest.approx(float(l32), rel=2e-2)
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g32, g16))
+    assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.95
+
+
+# ----------------------------------------------------------------------------- data
+def test_alpaca_jsonl_reader(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"text": "Once upon a time there was a cat."}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    docs = ft.read_finetune_documents(path)
+    assert len(docs) == 3
+    assert docs[0].endswith("### Instruction:\nName a color.\n\n### Response:\nBlue.") and "### Input" not in docs[0]
+    assert "### Input:\n2 and 3\n\n### Response:\n5" in docs[1] and "further context" in docs[1]
+    assert docs[2] == rows[2]["text"]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    assert ft.read_finetune_documents(tmp_path / "list.json") == docs
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{not json\n')
+    with pytest.raises(DataError, match="line 2"):
+        ft.read_finetune_documents(tmp_path / "bad.jsonl")
+    (tmp_path / "fields.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(DataError, match="record 0"):
+        ft.read_finetune_documents(tmp_path / "fields.jsonl")
+
+
+def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
+    n, per_step = 10, 4
+    seq = np.concatenate([ft.batch_indices(n, s, per_step, seed=5) for s in range(5)])  # 20 samples: 2 epochs
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
+    assert np.array_equal(ft.batch_indices(n, 3, per_step, 5), seq[12:16])
+    assert not np.array_equal(ft.batch_indices(n, 3, per_step, 6), seq[12:16])
+
+
+# ----------------------------------------------------------------------------- driver: resume and learning
+KILL_RUN = dict(steps=10, seq_len=16, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2, dropout=0.05,
+                eval_every=3, ckpt_every=2, eval_windows=4, seed=3, progress=False)
+
+
+def kill_run_inputs():
+    cfg = tiny_llama()
+    params = uq.init_params(cfg, 0)
+    stream = synthetic_stream(3000)
+    return cfg, params, uniform_table(cfg, [0.0, 0.25, 0.35]), stream[:2400], stream[2400:]
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from tests.test_finetune import KILL_RUN, kill_run_inputs
+from uniql_jax import finetune as ft
+
+def paced(step, metrics):
+    print("step", step, flush=True)
+    time.sleep(0.4)
+
+cfg, params, table, train, held = kill_run_inputs()
+ft.train_lora(cfg, params, table, train, held, ckpt_dir={ckpt!r}, callback=paced, **KILL_RUN)
+print("finished", flush=True)
+"""
+
+
+def test_killed_run_resumes_to_the_same_adapters(tmp_path):
+    """SIGKILL a fine-tuning process after its step-4 checkpoint; resuming from the folder
+    ends with adapters, best adapters and history bit-identical to an uninterrupted run."""
+    ckpt = tmp_path / "ckpt"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(repo=str(REPO), ckpt=str(ckpt)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    deadline, killed_after = time.monotonic() + 240, None
+    try:
+        for line in child.stdout:
+            if line.startswith("finished"):
+                break
+            if line.startswith("step") and int(line.split()[1]) >= 5:
+                killed_after = int(line.split()[1])
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        if child.poll() is None and killed_after is None:
+            child.kill()
+        child.wait()
+    assert killed_after is not None, f"the child was not killed mid-way: {child.stderr.read()[-2000:]}"
+    assert child.returncode == -signal.SIGKILL
+
+    cfg, params, table, train, held = kill_run_inputs()
+    resumed = ft.train_lora(cfg, params, table, train, held, ckpt_dir=ckpt, **KILL_RUN)
+    start = resumed.history["config"]["resumed_from"]
+    assert 4 <= start < KILL_RUN["steps"]
+    straight = ft.train_lora(cfg, params, table, train, held, **KILL_RUN)
+
+    for name in ("lora", "best_lora"):
+        a, b = jax.tree.leaves(getattr(resumed, name)), jax.tree.leaves(getattr(straight, name))
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
+    assert resumed.history["steps"] == straight.history["steps"]
+    assert resumed.history["evals"] == straight.history["evals"]
+    assert resumed.history["best_step"] == straight.history["best_step"]
+    # not vacuous: training moved the adapters, and the eval loss went down
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves([b["B"] for blk in straight.lora["blocks"]
+                                                                         for b in blk.values()]))
+    assert straight.history["best_eval_loss"] < straight.history["evals"][0]["eval_loss"]
+
+    with pytest.raises(ValueError, match="different fine-tuning run"):
+        ft.train_lora(cfg, params, table, train, held, ckpt_dir=ckpt, **{**KILL_RUN, "lr": 2e-2})
+
+
+def test_finetuning_stories260k_lowers_held_out_perplexity_when_pruned(shared_data):
+    """The real stories260K (uniform allocation over its unsorted channels): masked LoRA lowers the
+    held-out perplexity of the sliced model at 35 % and leaves 0 % within 1 %."""
+    from converters import llama2c
+    from uniql_jax import data
+    from uniql_jax.eval import perplexity
+
+    folder = shared_data / "stories260K"
+    cfg, params = llama2c.load(folder / "stories260K.bin")
+    tok = llama2c.load_tokenizer(folder / "tok512.bin")
+    docs = data.load_documents(shared_data / "tinystories" / "tinystories_valid_900.txt")
+    train = data.token_stream(docs[:48], tok)
+    held = data.token_stream(docs[-12:], tok)
+    table = uniform_table(cfg, [0.0, 0.35])
+    merged, history = ft.finetune(cfg, params, table, train, held, steps=40, seq_len=64, batch_size=8, lr=3e-3,
+                                  eval_every=10, eval_windows=16, progress=False)
+    assert history["best_step"] > 0
+    ppl = {}
+    for r in (0.0, 0.35):
+        ppl[r] = [perplexity(*prune(cfg, p, r, table), held, seq_len=64) for p in (params, merged)]
+    assert ppl[0.35][1] < 0.97 * ppl[0.35][0], ppl
+    assert ppl[0.0][1] <= 1.01 * ppl[0.0][0], ppl
