@@ -19,13 +19,24 @@ Same --seed, same data, same flags: same tokenizer, batches and weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import uniql_jax as uq
+from converters import hf, llama2c
+from uniql_jax.config import ARCHS, AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from uniql_jax.data import calibration_windows, holdout, load_documents, read_text, split_documents, token_stream
+from uniql_jax.eval import unigram_perplexity, windows
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = Path(__file__).resolve().parent / "defaults"
@@ -40,9 +51,9 @@ PROMPT = "Once upon a time"
 # followed by its MLP).
 PRESETS = {
     "llama": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=False),
-    "qwen2": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=True),
-    "mamba2": dict(hidden=128, layers=6, ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=True),
-    "nemotron_h": dict(hidden=128, pattern="M-M*-M-", heads=8, kv_heads=4, head_dim=16, mlp=384,
+    "qwen2": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=32, mlp=384, tie=False),
+    "mamba2": dict(hidden=128, layers=8, ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=True),
+    "nemotron_h": dict(hidden=128, pattern="M-M*-M-M-", heads=8, kv_heads=4, head_dim=16, mlp=384,
                        ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=False),
     "bamba": dict(hidden=128, pattern="MM*M", heads=8, kv_heads=4, head_dim=16, mlp=384,
                   ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=False),
@@ -54,12 +65,11 @@ PRESETS = {
 
 def model_config(arch: str, vocab_size: int, seq_len: int, **overrides):
     """The ModelConfig of a tiny model of `arch` (PRESETS[arch] updated by `overrides`)."""
-    from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
-
     g = dict(PRESETS[arch])
     g.update({k: v for k, v in overrides.items() if v is not None})
     hd = g.get("head_dim", 0)
-    rotary = 0 if arch == "nemotron_h" else hd  # Nemotron-H attention has no position encoding
+    # Nemotron-H attention has no position encoding; Bamba rotates half of each head
+    rotary = {"nemotron_h": 0, "bamba": hd // 2}.get(arch, hd)
     attn = lambda i: AttentionBlock(i, rotary // 2, hd - rotary, hd)  # noqa: E731
     mlp = lambda i: MLPBlock(i, g["mlp"])  # noqa: E731
     ssm = lambda i: Mamba2Block(i, g["d_state"], g["ssm_head_dim"])  # noqa: E731
@@ -82,13 +92,13 @@ def model_config(arch: str, vocab_size: int, seq_len: int, **overrides):
                      attention_bias=arch == "qwen2") if "attention" in kinds else {}
     return ModelConfig(
         arch=arch, vocab_size=vocab_size, hidden_size=g["hidden"], blocks=tuple(blocks), rms_norm_eps=1e-5,
-        tie_word_embeddings=g["tie"], bos_token_id=0, eos_token_id=0, max_position_embeddings=max(seq_len, 512),
+        tie_word_embeddings=g["tie"], bos_token_id=0, eos_token_id=0,
+        max_position_embeddings=max(seq_len, 512) if "attention" in kinds else 2048,
         intermediate_size=g.get("mlp", 0) if "mlp" in kinds else 0,
         mlp_activation="relu2" if arch == "nemotron_h" else "silu_gated", **attn_geom, **ssm_geom)
 
 
 def count_params(params) -> int:
-    import jax
 
     return int(sum(np.size(x) for x in jax.tree.leaves(params) if np.issubdtype(np.asarray(x).dtype, np.floating)))
 
@@ -119,65 +129,81 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 # ----------------------------------------------------------------------------- training
 
 
+# Float parameters that the HF architectures do not have: held at their initial value (zero).
+NOT_IN_HF = {"o_bias"}  # attention output bias, a slot for the v bias folded in by sorting
+
+
 def split_trainable(params):
-    """(float leaves, merge): merge(float leaves) rebuilds params with the integer leaves (pair indices) fixed."""
-    import jax
+    """(trained leaves, fixed leaves, structure): integer leaves (pair indices) and NOT_IN_HF stay fixed."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    is_trained = tuple(bool(np.issubdtype(np.asarray(x).dtype, np.floating))
+                       and getattr(path[-1], "key", None) not in NOT_IN_HF for path, x in leaves_with_path)
+    leaves = [x for _, x in leaves_with_path]
+    trainable = [x for x, t in zip(leaves, is_trained) if t]
+    frozen = [x for x, t in zip(leaves, is_trained) if not t]
+    return trainable, frozen, (treedef, is_trained)
 
-    leaves, treedef = jax.tree.flatten(params)
-    is_float = [np.issubdtype(np.asarray(x).dtype, np.floating) for x in leaves]
-    frozen = [x for x, f in zip(leaves, is_float) if not f]
 
-    def merge(trainable):
-        it_t, it_f = iter(trainable), iter(frozen)
-        return treedef.unflatten([next(it_t) if f else next(it_f) for f in is_float])
+def merge_trainable(trainable, frozen, structure):
+    treedef, is_trained = structure
+    it_t, it_f = iter(trainable), iter(frozen)
+    return treedef.unflatten([next(it_t) if t else next(it_f) for t in is_trained])
 
-    return [x for x, f in zip(leaves, is_float) if f], merge
+
+@functools.lru_cache(maxsize=16)
+def optimizer(lr: float, warmup: int, steps: int, weight_decay: float, decay_mask: tuple[bool, ...]):
+    """(optax AdamW with global-norm clipping, its warmup + cosine schedule); cached so jit reuses it."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=list(decay_mask)))
+    return opt, schedule
+
+
+def next_token_loss(cfg, params, batch):
+    """Mean next-token cross entropy (float32) of tokens 2..T of each window int32 [B, T], from uq.forward."""
+
+
+    logits = uq.forward(cfg, params, batch)[:, :-1]  # [B, T-1, V]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+    return jnp.mean(nll)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "structure", "hparams"))
+def train_step(trainable, frozen, opt_state, batch, *, cfg, structure, hparams):
+    """One AdamW step; returns (trainable, opt_state, loss). Static: config, tree structure, optimizer settings."""
+    opt, _ = optimizer(*hparams)
+    loss, grads = jax.value_and_grad(lambda t: next_token_loss(cfg, merge_trainable(t, frozen, structure), batch))(
+        trainable)
+    updates, opt_state = opt.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
 
 
 def train(cfg, stream: np.ndarray, *, steps: int, batch_size: int, seq_len: int, lr: float, warmup: int,
           weight_decay: float, seed: int, log_every: int = 25):
     """AdamW + warmup/cosine on random non-overlapping windows of `stream`; returns (params, history).
 
-    Loss: mean next-token cross entropy of tokens 2..T of each window, from uq.forward.
+    Initial weights: uq.init_params(cfg, seed); the batch of step i: calibration_windows
+    with seed (seed, i). No decay on 1-D weights (norms, biases, A_log, D, dt_bias).
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from tqdm.auto import tqdm
 
-    import uniql_jax as uq
-    from uniql_jax.data import calibration_windows
 
-    trainable, merge = split_trainable(uq.init_params(cfg, seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
-    decay_mask = [x.ndim >= 2 for x in trainable]  # no decay on norms, biases, A_log, D, dt_bias
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+    trainable, frozen, structure = split_trainable(uq.init_params(cfg, seed))
+    hparams = (float(lr), int(warmup), int(steps), float(weight_decay), tuple(x.ndim >= 2 for x in trainable))
+    opt, schedule = optimizer(*hparams)
     opt_state = opt.init(trainable)
-
-    def loss_fn(trainable, batch):  # batch int32 [B, T]
-        logits = uq.forward(cfg, merge(trainable), batch)[:, :-1]  # [B, T-1, V]
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
-        return jnp.mean(nll)
-
-    @jax.jit
-    def step(trainable, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, batch)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
     history, recent = [], []
     bar = tqdm(range(steps), desc=f"train {cfg.arch}", unit="step", mininterval=2.0, file=sys.stdout)
     for i in bar:
         batch = jnp.asarray(calibration_windows(stream, batch_size, seq_len, seed=seed * 1_000_003 + i))
-        trainable, opt_state, loss = step(trainable, opt_state, batch)
+        trainable, opt_state, loss = train_step(trainable, frozen, opt_state, batch, cfg=cfg, structure=structure,
+                                                hparams=hparams)
         recent.append(loss)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             mean = float(np.mean([float(x) for x in recent]))
             recent = []
             history.append({"step": i + 1, "loss": round(mean, 4), "lr": float(schedule(i))})
             bar.set_postfix(loss=f"{mean:.3f}")
-    return jax.tree.map(np.asarray, merge(trainable)), history
+    return jax.tree.map(np.asarray, merge_trainable(trainable, frozen, structure)), history
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -188,7 +214,6 @@ def transformers_perplexity(folder, tokens: np.ndarray, seq_len: int, batch_size
     import torch
     import transformers
 
-    from uniql_jax.eval import windows
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     total, count = 0.0, 0
@@ -205,9 +230,7 @@ def transformers_perplexity(folder, tokens: np.ndarray, seq_len: int, batch_size
 
 
 def greedy_sample(cfg, params, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 48) -> str:
-    import jax.numpy as jnp
 
-    import uniql_jax as uq
 
     ids = tokenizer(prompt)["input_ids"]
     out = uq.generate(cfg, params, jnp.asarray([ids], jnp.int32), max_new_tokens)
@@ -216,11 +239,6 @@ def greedy_sample(cfg, params, tokenizer, prompt: str = PROMPT, max_new_tokens: 
 
 def evaluate(folder, heldout_docs: list[str], seq_len: int) -> dict:
     """Held-out metrics of a saved checkpoint, loaded back through converters.hf."""
-    import uniql_jax as uq
-    from converters import hf
-    from uniql_jax.data import token_stream
-    from uniql_jax.eval import unigram_perplexity
-
     cfg, params = hf.load(folder)
     tok = hf.load_tokenizer(folder)
     tokens = token_stream(heldout_docs, tok)
@@ -237,10 +255,7 @@ def evaluate(folder, heldout_docs: list[str], seq_len: int) -> dict:
 
 
 def run(args) -> dict:
-    import jax
 
-    from converters import hf
-    from uniql_jax.data import holdout, split_documents, read_text, token_stream
 
     out = Path(args.out)
     text_path = Path(args.text)
@@ -256,18 +271,20 @@ def run(args) -> dict:
     overrides = {k: getattr(args, k) for k in ("hidden", "layers", "pattern", "heads", "kv_heads", "head_dim", "mlp",
                                                "ssm_heads", "ssm_head_dim", "d_state", "groups")}
     cfg = model_config(args.arch, len(tok), args.seq_len, **overrides)
-    t0 = time.perf_counter()
+    hf.mapping_for(cfg.arch).config_to_hf(cfg)  # fail now, not after training, if HF cannot express it
+    t0, cpu0 = time.perf_counter(), time.process_time()
     params, history = train(cfg, stream, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     n_params = count_params(params)
-    print(f"trained {n_params:,} parameters in {train_s:.0f} s; final loss {history[-1]['loss']:.4f}")
+    print(f"trained {n_params:,} parameters in {train_s:.0f} s (CPU time {train_cpu_s:.0f} s); final loss {history[-1]['loss']:.4f}")
 
     out.mkdir(parents=True, exist_ok=True)
     hf.save(cfg, params, out)
     tok.save_pretrained(str(out))
     results = {
-        "arch": args.arch, "params": n_params, "train_time_s": round(train_s, 1), "final_loss": history[-1]["loss"],
+        "arch": args.arch, "params": n_params, "train_time_s": round(train_s, 1),
+        "train_cpu_s": round(train_cpu_s, 1), "final_loss": history[-1]["loss"],
         "train_tokens": int(len(stream)), "tokens_seen": args.steps * args.batch_size * args.seq_len,
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "table")} | {"text": text_path.name},
@@ -283,11 +300,6 @@ def run(args) -> dict:
 
 def stories260k_heldout(text=TINYSTORIES, seq_len: int = 256) -> dict:
     """The real stories260K (llama2.c) on the same held-out stories, through uq.perplexity."""
-    import uniql_jax as uq
-    from converters import llama2c
-    from uniql_jax.data import load_documents, token_stream
-    from uniql_jax.eval import unigram_perplexity
-
     cfg, params = llama2c.load(STORIES260K / "stories260K.bin")
     tok = llama2c.load_tokenizer(STORIES260K / "tok512.bin")
     tokens = token_stream(load_documents(text, part="heldout"), tok)
@@ -300,7 +312,6 @@ def table(defaults=DEFAULTS, with_stories260k: bool = True) -> str:
     """The markdown results table of the embedded defaults (from their results.json)."""
     rows = ["| arch | params | train time | final train loss | held-out ppl (uq) | held-out ppl (transformers) "
             "| unigram ppl | greedy continuation of \"Once upon a time\" |", "|" + "---|" * 8]
-    from uniql_jax.config import ARCHS
 
     for arch in ARCHS:
         f = Path(defaults) / arch / "results.json"

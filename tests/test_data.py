@@ -186,3 +186,19 @@ def test_dataset_id_with_unreachable_hub_fails_fast(monkeypatch):
     with pytest.raises(data.DataError, match="the Hugging Face Hub is unreachable"):
         data.read_text("wikitext:wikitext-2-raw-v1@test")
     assert time.perf_counter() - t0 < 10
+
+
+def test_dataset_rows_become_documents(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"id": [1, 2], "story": ["Once upon a time A.\n\nThen B.", "Once upon C."]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert data.read_text("someone/stories:v2@validation") == "Once upon a time A.\n\nThen B.\n\nOnce upon C."
+    assert calls == [("someone/stories", "v2", "validation")]
+    assert data.load_documents("someone/stories") == ["Once upon a time A.\n\nThen B.", "Once upon C."]
+    assert calls[-1] == ("someone/stories", None, "train")

@@ -85,7 +85,11 @@ def is_dataset_id(source: str) -> bool:
 
 
 def read_text(source) -> str:
-    """The text of a local file (UTF-8) or of a dataset id's text column (rows joined by newlines)."""
+    """The text of a local file (UTF-8) or of a dataset id's text column.
+
+    Dataset rows are joined by blank lines (the usual WikiText evaluation text), so
+    rows that are stories become paragraphs that `split_documents` sees open.
+    """
     path = Path(os.path.expanduser(str(source)))
     if path.is_file():
         try:
@@ -96,7 +100,7 @@ def read_text(source) -> str:
         raise DataError(f"{source}: not a text file")
     if not is_dataset_id(str(source)):
         raise DataError(f"{source}: no such file (and not a dataset id NAME[:CONFIG][@SPLIT])")
-    return "\n".join(_dataset_rows(str(source)))
+    return "\n\n".join(_dataset_rows(str(source)))
 
 
 def _dataset_rows(dataset_id: str) -> list[str]:

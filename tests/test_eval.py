@@ -1,0 +1,110 @@
+"""uq.perplexity: window slicing, a float64 reference, 1-device == 4-device, the unigram baseline."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import uniql_jax as uq
+from tests.conftest import REPO
+from uniql_jax import eval as ev
+from uniql_jax.config import AttentionBlock, MLPBlock
+
+SEQ, BATCH = 16, 2
+CFG = uq.ModelConfig(arch="llama", vocab_size=61, hidden_size=32,
+                     blocks=(AttentionBlock(0, 8, 0, 16), MLPBlock(0, 64)),
+                     num_heads=2, num_kv_heads=2, head_dim=16, rotary_dim=16, intermediate_size=64)
+N_TOKENS = 13 * SEQ + 5  # 13 windows (not a multiple of any step size below) and a 5-token tail
+
+
+def _params():
+    # larger than init scale so that logits are far from uniform and errors would show
+    return jax.tree.map(lambda x: x * 8 if x.dtype == jnp.float32 and x.ndim > 1 else x, uq.init_params(CFG, 3))
+
+
+def _tokens():
+    return np.random.default_rng(0).integers(0, CFG.vocab_size, N_TOKENS).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params()
+
+
+def test_windows_are_the_stream_cut_without_padding():
+    stream = np.arange(100, 203)
+    wins = ev.windows(stream, 10)
+    assert wins.shape == (10, 10) and wins.dtype == np.int32
+    np.testing.assert_array_equal(wins.ravel(), stream[:100])  # contiguous, in order, tail of 3 dropped
+    with pytest.raises(ValueError, match="fewer than one window"):
+        ev.windows(stream[:9], 10)
+    with pytest.raises(ValueError, match="1-D"):
+        ev.windows(wins, 10)
+
+
+def test_perplexity_equals_a_float64_reference(params):
+    tokens = _tokens()
+    wins = tokens[: 13 * SEQ].reshape(13, SEQ)
+    logits = np.asarray(uq.forward(CFG, params, jnp.asarray(wins)), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, wins[:, 1:, None], -1)
+    want = math.exp(nll.mean())
+    got = uq.perplexity(CFG, params, tokens, seq_len=SEQ, batch_size=BATCH)
+    assert got == pytest.approx(want, rel=2e-6)
+    assert 1.5 < got < CFG.vocab_size * 10  # not a degenerate model: the test has teeth
+
+
+def test_the_tail_shorter_than_a_window_is_ignored(params):
+    tokens = _tokens()
+    full = uq.perplexity(CFG, params, tokens, seq_len=SEQ, batch_size=BATCH)
+    assert uq.perplexity(CFG, params, tokens[: 13 * SEQ], seq_len=SEQ, batch_size=BATCH) == full
+    changed = tokens.copy()
+    changed[-5:] = (changed[-5:] + 1) % CFG.vocab_size
+    assert uq.perplexity(CFG, params, changed, seq_len=SEQ, batch_size=BATCH) == full
+    changed[3] = (changed[3] + 1) % CFG.vocab_size  # a token inside a window does count
+    assert uq.perplexity(CFG, params, changed, seq_len=SEQ, batch_size=BATCH) != full
+
+
+def test_progress_bar_on_request(params, capsys):
+    uq.perplexity(CFG, params, _tokens(), seq_len=SEQ, batch_size=BATCH, progress=True)
+    assert "perplexity (13 windows of 16)" in capsys.readouterr().err
+
+
+FOUR_DEVICES = """
+    import jax, numpy as np
+    from tests import test_eval as t
+    from uniql_jax import eval as ev
+    assert jax.device_count() == 4, jax.devices()
+    p, tok = t._params(), t._tokens()
+    sums = ev.window_nll_sums(t.CFG, p, tok, seq_len=t.SEQ, batch_size=t.BATCH)  # default mesh: all 4 devices
+    print("SUMS", " ".join(float(x).hex() for x in sums))
+    print("PPL", ev.perplexity(t.CFG, p, tok, seq_len=t.SEQ, batch_size=t.BATCH).hex())
+"""
+
+
+def test_one_and_four_devices_give_the_identical_perplexity(params):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FOUR_DEVICES)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("SUMS", "PPL")))
+    one = ev.data_mesh(jax.devices()[:1])
+    sums = ev.window_nll_sums(CFG, params, _tokens(), seq_len=SEQ, batch_size=BATCH, mesh=one)
+    assert lines["SUMS"].split() == [float(x).hex() for x in sums]  # every window bit-identical
+    assert lines["PPL"] == uq.perplexity(CFG, params, _tokens(), seq_len=SEQ, batch_size=BATCH, mesh=one).hex()
+
+
+def test_unigram_perplexity_is_the_entropy_of_the_scored_tokens():
+    tokens = np.tile([0, 1], 40)  # windows [0 1 0 1]: scored tokens 1, 0, 1
+    want = math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    assert ev.unigram_perplexity(tokens, seq_len=4) == pytest.approx(want, rel=1e-12)
+    uniform = np.random.default_rng(0).integers(0, 50, 200_000)
+    assert 49.0 < ev.unigram_perplexity(uniform, seq_len=100) <= 50.0
