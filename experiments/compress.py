@@ -76,7 +76,8 @@ def run(argv=None) -> Path:
 
     import uniql_jax as uq
     from uniql_jax import data
-    from uniql_jax.compress.allocate import evaluate_rates, param_count
+    from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
+    from uniql_jax.quant.quantize import allocation_steps
     from uniql_jax.compress.sort import sort
     from uniql_jax.eval import perplexity
 
@@ -99,7 +100,10 @@ def run(argv=None) -> Path:
     with timer.stage("sort"):
         cfg, params = sort(cfg, params, calib)
     with timer.stage("allocate"):
-        table = uq.allocate(cfg, params, calib, rates, method=args.allocation)
+        steps = default_steps(cfg)
+        if args.quantizer != "none":
+            steps = allocation_steps(cfg, args.group_size, steps)
+        table = uq.allocate(cfg, params, calib, rates, method=args.allocation, steps=steps)
     if args.finetune_steps:
         report["rates_before_finetune"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("finetune"):

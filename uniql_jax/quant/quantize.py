@@ -89,6 +89,26 @@ def group_size_for(sizes: list[int], requested: int) -> int | None:
     return None
 
 
+# prunable dimensions that are the input (quantized) axis of a weight: o (vo_rank), down (width), Mamba out (head_dim)
+QUANTIZED_INPUT_DIMS = {"vo_rank": "head_dim", "width": "intermediate_size", "head_dim": "ssm_head_dim"}
+
+
+def allocation_steps(cfg: ModelConfig, group_size: int, steps: dict) -> dict:
+    """Rounding steps of the allocation that suit quantization: every pruned input axis a
+    multiple of 8 (whole packed bytes), doubled up to the group size while the full size
+    still spans at least eight steps, so quantization groups can be as large as possible."""
+    out = dict(steps)
+    for dim, full_attr in QUANTIZED_INPUT_DIMS.items():
+        full = getattr(cfg, full_attr)
+        if dim not in out or not full:
+            continue
+        step = math.lcm(int(out[dim]), 8)
+        while 2 * step <= min(group_size, full // 8):
+            step *= 2
+        out[dim] = min(step, full)
+    return out
+
+
 def to_qarray_nd(q2: qarray.QArray, shape: tuple[int, ...], n_contract: int) -> qarray.QArray:
     """A QArray of the 2-D view [prod(contraction), prod(rest)] back in the weight's own shape.
 
