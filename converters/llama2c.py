@@ -8,6 +8,7 @@ truth. llama2.c rotates interleaved pairs (2i, 2i+1); HF Llama rotates halves
 
 from __future__ import annotations
 
+import heapq
 import struct
 from pathlib import Path
 
@@ -112,16 +113,39 @@ class Llama2cTokenizer:
                 toks.append(self.index[b])
             else:
                 toks.extend(byte + 3 for byte in b)
-        while True:
-            best, best_i = None, -1
-            for i in range(len(toks) - 1):
-                j = self.index.get(self.pieces[toks[i]] + self.pieces[toks[i + 1]])
-                if j is not None and (best is None or self.scores[j] > self.scores[best]):
-                    best, best_i = j, i
-            if best is None:
-                break
-            toks[best_i:best_i + 2] = [best]
+        toks = self._merge(toks)
         return ids + toks + ([self.EOS] if eos else [])
+
+    def _merge(self, toks: list[int]) -> list[int]:
+        """llama2.c's merge rule (best score first, leftmost on ties) in O(n log n):
+        a heap of candidate pairs over a linked list, stale entries skipped when popped."""
+        n = len(toks)
+        tok, nxt, prev = list(toks), list(range(1, n + 1)), list(range(-1, n - 1))
+        nxt[-1] = -1
+        heap = []
+
+        def push(i):
+            j = nxt[i]
+            if j != -1:
+                merged = self.index.get(self.pieces[tok[i]] + self.pieces[tok[j]])
+                if merged is not None:
+                    heapq.heappush(heap, (-self.scores[merged], i, tok[i], tok[j], merged))
+
+        for i in range(n - 1):
+            push(i)
+        alive = [True] * n
+        while heap:
+            _, i, a, b, merged = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j == -1 or tok[i] != a or tok[j] != b:
+                continue  # stale: one side has merged since
+            tok[i], alive[j], nxt[i] = merged, False, nxt[j]
+            if nxt[j] != -1:
+                prev[nxt[j]] = i
+            if prev[i] != -1:
+                push(prev[i])
+            push(i)
+        return [t for t, keep in zip(tok, alive) if keep]
 
     def decode(self, ids) -> str:
         out = bytearray()
