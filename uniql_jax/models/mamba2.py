@@ -21,7 +21,9 @@ own array axis, so a pruning rate keeps a leading box of each array:
 
 Heads, groups, dt, A and D are never pruned. The gated RMSNorm normalizes each group of
 heads over its *kept* channels only, so a masked full model equals the sliced model
-(defect 2 of the reference implementation, see spec/UNIQL.md).
+(defect 2 of the reference implementation, see spec/UNIQL.md). The time step is clipped to
+``cfg.time_step_limit`` in both the chunked and the recurrent path (transformers clips only in
+its chunked path), so cached decoding equals the full forward.
 
 Letters: b batch, t/l/s time (l, s inside a chunk), c/z chunk, g SSM group, h head
 inside its group (H = R_g * h), p head channel (C), n state channel (N), w conv tap.
@@ -45,7 +47,7 @@ F32 = jnp.float32
 def segsum(a: jax.Array) -> jax.Array:
     """Stable segment sums: a [..., L] -> S [..., L, L], S[i, j] = sum_{j<k<=i} a[k], -inf above the diagonal.
 
-    exp(S) is the 1-semiseparable mask L of SSD Sec. 3.1 / eq. (4) (the decay from step j to
+    exp(S) is the 1-semiseparable mask L of SSD Sec. 3 (scalar-times-identity A: the decay from step j to
     step i). A masked cumulative sum avoids the cancellation of cumsum(a)[i] - cumsum(a)[j].
     """
     L = a.shape[-1]
@@ -62,11 +64,11 @@ def _split_heads(x_BxTxHxP: jax.Array, groups: int) -> jax.Array:
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
-    """Chunked SSD scan (SSD Sec. 6, "the SSD algorithm", block decomposition of Listing 1).
+    """Chunked SSD scan: the block decomposition of the semiseparable matrix (SSD Sec. 6).
 
     The sequence is cut into chunks of `chunk_size` (the tail zero-padded: dt = 0 there, so
     padding neither decays nor feeds the state). Within a chunk the output is the quadratic
-    "attention-like" form (diagonal blocks, Sec. 6 step 1); chunk states are summarized
+    "attention-like" form (diagonal blocks, step 1); chunk states are summarized
     (step 2), passed between chunks by a short recurrence written as a semiseparable matrix over
     chunks (step 3), and read out by C (step 4).
 
@@ -93,7 +95,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     a = chunks(a).reshape(b, nc, L, Rg, H // Rg).transpose(0, 3, 4, 1, 2)  # [b, g, h, c, l]
     a_cs = jnp.cumsum(a, axis=-1)  # [b, g, h, c, l]
 
-    # 1. intra-chunk outputs: (C_l · B_s) * decay(s -> l), the masked "attention" of Sec. 5.
+    # 1. intra-chunk outputs: (C_l · B_s) * decay(s -> l), the structured masked attention of Sec. 4-5.
     decay_ls = jnp.exp(segsum(a))  # [b, g, h, c, l, s]
     CB = jnp.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
     y_diag = jnp.einsum("bcgls,bghcls,bcsghp->bclghp", CB, decay_ls, X)
@@ -120,7 +122,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
 
 
 def ssd_recurrent_step(state, x, dt, A, B, C):
-    """One step of the selective SSM recurrence (SSD Sec. 3.1, eq. (1)-(2) with Ā = exp(Δ A), B̄ = Δ B):
+    """One step of the selective SSM recurrence (SSD eq. (1), discretized: Ā = exp(Δ A), B̄ = Δ B):
 
         h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ,     y_t = h_t C_t
 
@@ -139,7 +141,7 @@ def ssd_recurrent_step(state, x, dt, A, B, C):
 
 
 def ssd_sequential(x, dt, A, B, C, initial_state=None):
-    """Reference: `ssd_recurrent_step` scanned over time (the linear recurrence of SSD Sec. 3.1).
+    """Reference: `ssd_recurrent_step` scanned over time (the linear recurrence, SSD eq. (1)).
 
     Same arguments and results as `ssd_chunked`; used by the tests as ground truth.
     """
@@ -220,7 +222,7 @@ class Mamba2(nnx.Module):
             self.conv_x_bias = nnx.Param(jnp.zeros((H, C), dtype))
             self.conv_B_bias = nnx.Param(jnp.zeros((Rg, N), dtype))
             self.conv_C_bias = nnx.Param(jnp.zeros((Rg, N), dtype))
-        # Mamba2 init (SSD Sec. 9 / mamba_ssm): Δ log-uniform in [1e-3, 1e-1], A = -(1..H)
+        # mamba_ssm's Mamba2 init: Δ log-spaced in [1e-3, 1e-1] (through dt_bias), A = -(1..H)
         dt0 = np.exp(np.linspace(np.log(1e-3), np.log(1e-1), H))
         self.dt_bias = nnx.Param(jnp.asarray(_inverse_softplus(dt0), dtype))
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, H + 1, dtype=F32)).astype(dtype))
@@ -248,7 +250,7 @@ class Mamba2(nnx.Module):
         Cs = wdot("btd,dgn->btgn", h, self.C.get_value(), impl)
         dt_logit = wdot("btd,dh->bth", h, self.dt.get_value(), impl)
 
-        # depthwise causal conv over [x | B | C] + SiLU (SSD Sec. 7.1: the "short convolution")
+        # depthwise causal conv over [x | B | C] + SiLU (the Mamba-2 block, SSD Sec. 7.1)
         state = cache or {}
         xs_c, conv_x = causal_conv(xs, self.conv_x.get_value(), self._conv_bias("conv_x_bias"), state.get("conv_x"))
         Bs_c, conv_B = causal_conv(Bs, self.conv_B.get_value(), self._conv_bias("conv_B_bias"), state.get("conv_B"))
