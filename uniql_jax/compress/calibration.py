@@ -82,7 +82,7 @@ def embed_windows(cfg: ModelConfig, params: dict, calib) -> np.ndarray:
     tokens = np.asarray(calib, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"calibration tokens must be int32 [N, T], got shape {tokens.shape}")
-    return np.asarray(embed_lookup(params["embed"], jnp.asarray(tokens), F32))
+    return np.array(embed_lookup(params["embed"], jnp.asarray(tokens), F32))  # a writable copy
 
 
 def as_float32(tree):
