@@ -112,20 +112,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return raw
 
 
-BLOCK_FROM_HF = {"mamba2": mamba2.mixer_from_hf, "attention": common.attention_from_hf, "mlp": common.mlp_from_hf}
-BLOCK_TO_HF = {"mamba2": mamba2.mixer_to_hf, "attention": common.attention_to_hf, "mlp": common.mlp_to_hf}
-
-
 def params_from_hf(cfg: ModelConfig, take) -> dict:
-    params = common.embed_from_hf(cfg, take, EMBED, HEAD)
-    params["blocks"] = [BLOCK_FROM_HF[b.kind](cfg, b, take, names(b)) for b in cfg.blocks]
-    params["final_norm"] = take(FINAL_NORM, (cfg.hidden_size,))
-    return params
+    return mamba2.stack_from_hf(cfg, take, names, EMBED, FINAL_NORM, HEAD)
 
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> dict:
-    out = common.embed_to_hf(cfg, params, EMBED, HEAD)
-    for b, p in zip(cfg.blocks, params["blocks"]):
-        out.update(BLOCK_TO_HF[b.kind](cfg, b, p, names(b)))
-    out[FINAL_NORM] = params["final_norm"]
-    return out
+    return mamba2.stack_to_hf(cfg, params, names, EMBED, FINAL_NORM, HEAD)

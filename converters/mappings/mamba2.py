@@ -145,17 +145,31 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
-def params_from_hf(cfg: ModelConfig, take) -> dict:
-    embed = EMBED if take.has(EMBED) or not take.has(LEGACY_EMBED) else LEGACY_EMBED
-    params = common.embed_from_hf(cfg, take, embed, HEAD)
-    params["blocks"] = [mixer_from_hf(cfg, b, take, names(b)) for b in cfg.blocks]
-    params["final_norm"] = take(FINAL_NORM, (cfg.hidden_size,))
+# ----------------------------------------------------------------------------- the stack (all three archs)
+BLOCK_FROM_HF = {"mamba2": mixer_from_hf, "attention": common.attention_from_hf, "mlp": common.mlp_from_hf}
+BLOCK_TO_HF = {"mamba2": mixer_to_hf, "attention": common.attention_to_hf, "mlp": common.mlp_to_hf}
+
+
+def stack_from_hf(cfg: ModelConfig, take, names, embed: str, final_norm: str, head: str) -> dict:
+    """Embedding, every block by its kind (tensor names from `names(blk)`), final norm, head."""
+    params = common.embed_from_hf(cfg, take, embed, head)
+    params["blocks"] = [BLOCK_FROM_HF[b.kind](cfg, b, take, names(b)) for b in cfg.blocks]
+    params["final_norm"] = take(final_norm, (cfg.hidden_size,))
     return params
 
 
-def params_to_hf(cfg: ModelConfig, params: dict) -> dict:
-    out = common.embed_to_hf(cfg, params, EMBED, HEAD)
+def stack_to_hf(cfg: ModelConfig, params: dict, names, embed: str, final_norm: str, head: str) -> dict:
+    out = common.embed_to_hf(cfg, params, embed, head)
     for b, p in zip(cfg.blocks, params["blocks"]):
-        out.update(mixer_to_hf(cfg, b, p, names(b)))
-    out[FINAL_NORM] = params["final_norm"]
+        out.update(BLOCK_TO_HF[b.kind](cfg, b, p, names(b)))
+    out[final_norm] = params["final_norm"]
     return out
+
+
+def params_from_hf(cfg: ModelConfig, take) -> dict:
+    embed = EMBED if take.has(EMBED) or not take.has(LEGACY_EMBED) else LEGACY_EMBED
+    return stack_from_hf(cfg, take, names, embed, FINAL_NORM, HEAD)
+
+
+def params_to_hf(cfg: ModelConfig, params: dict) -> dict:
+    return stack_to_hf(cfg, params, names, EMBED, FINAL_NORM, HEAD)

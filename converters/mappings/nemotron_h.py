@@ -136,7 +136,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return {
         "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "layers_block_type": [PATTERN[LETTER[b.kind]] for b in cfg.blocks],
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
         "mlp_hidden_act": "relu2", "mamba_num_heads": cfg.ssm_heads, "mamba_head_dim": cfg.ssm_head_dim,
         "ssm_state_size": cfg.ssm_state, "n_groups": cfg.ssm_groups, "conv_kernel": cfg.conv_kernel,
         "chunk_size": cfg.ssm_chunk_size, "time_step_min": cfg.time_step_limit[0],
@@ -147,8 +148,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
-BLOCK_FROM_HF = {"mamba2": mamba2.mixer_from_hf, "attention": common.attention_from_hf, "mlp": common.mlp_from_hf}
-BLOCK_TO_HF = {"mamba2": mamba2.mixer_to_hf, "attention": common.attention_to_hf, "mlp": common.mlp_to_hf}
 EMBED, FINAL_NORM, HEAD = "backbone.embeddings.weight", "backbone.norm_f.weight", "lm_head.weight"
 
 
@@ -171,15 +170,8 @@ class _Renamed:
 def params_from_hf(cfg: ModelConfig, take) -> dict:
     if not take.has(EMBED) and take.has("model.embeddings.weight"):
         take = _Renamed(take, "model.")
-    params = common.embed_from_hf(cfg, take, EMBED, HEAD)
-    params["blocks"] = [BLOCK_FROM_HF[b.kind](cfg, b, take, names(b)) for b in cfg.blocks]
-    params["final_norm"] = take(FINAL_NORM, (cfg.hidden_size,))
-    return params
+    return mamba2.stack_from_hf(cfg, take, names, EMBED, FINAL_NORM, HEAD)
 
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> dict:
-    out = common.embed_to_hf(cfg, params, EMBED, HEAD)
-    for b, p in zip(cfg.blocks, params["blocks"]):
-        out.update(BLOCK_TO_HF[b.kind](cfg, b, p, names(b)))
-    out[FINAL_NORM] = params["final_norm"]
-    return out
+    return mamba2.stack_to_hf(cfg, params, names, EMBED, FINAL_NORM, HEAD)

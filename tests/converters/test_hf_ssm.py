@@ -16,6 +16,8 @@ import uniql_jax as uq
 from converters import hf
 from uniql_jax.config import Mamba2Block
 
+from test_hf_llama import edit_config, hf_logits, max_rel_err, rewrite_weights  # same folder, shared helpers
+
 M, A, F = "linear_attention", "full_attention", "mlp"
 BASE = {
     "mamba2": dict(vocab_size=64, hidden_size=16, num_heads=4, head_dim=8, expand=2, state_size=8,
@@ -61,15 +63,6 @@ def tiny_hf_model(arch, seed=0, **kw):
             elif leaf == "A_log":
                 p.copy_(torch.rand_like(p) * 2.5 - 1.0)
     return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
-def max_rel_err(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def tokens_for(cfg, seed=1, T=12):
@@ -168,12 +161,6 @@ def copy_of(saved_models, tmp_path):
     return copy
 
 
-def edit_config(folder, **changes):
-    raw = json.loads((folder / "config.json").read_text())
-    raw.update(changes)
-    (folder / "config.json").write_text(json.dumps(raw))
-
-
 @pytest.mark.parametrize("arch, change, message", [
     ("mamba2", dict(use_bias=True), "use_bias"),
     ("mamba2", dict(hidden_act="gelu"), "hidden_act"),
@@ -197,14 +184,6 @@ def test_unhandled_or_inconsistent_config_raises(copy_of, arch, change, message)
     edit_config(folder, **change)
     with pytest.raises(hf.CheckpointError, match=message):
         hf.load(folder)
-
-
-def rewrite_weights(folder, edit):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(folder / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("arch, name", [("mamba2", "backbone.layers.1.mixer.A_log"),

@@ -41,21 +41,23 @@ def param_shapes(cfg, blk) -> dict:
     return {k[-1]: v.get_value().shape for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
 
 
+def random_value(name: str, shape, rng) -> np.ndarray:
+    """A random float32 parameter by its name, so the tests see every parameter (norms, D, biases too):
+    norms near 1, A_log and dt_bias in the ranges of real checkpoints, the rest small Gaussians."""
+    if name in ("norm", "gnorm", "final_norm"):
+        val = 1.0 + 0.3 * rng.standard_normal(shape)
+    elif name == "A_log":
+        val = rng.uniform(-1.0, 1.5, shape)
+    elif name == "dt_bias":
+        val = rng.uniform(-4.0, 0.5, shape)
+    else:
+        val = (0.3 if name.startswith(("conv", "D")) else 0.15) * rng.standard_normal(shape)
+    return val.astype(np.float32)
+
+
 def random_params(cfg, seed=0) -> dict:
-    """Every parameter random (norms, biases, D, gnorm too), so the tests see all of them."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in param_shapes(cfg, cfg.blocks[0]).items():
-        if name in ("norm", "gnorm"):
-            val = 1.0 + 0.3 * rng.standard_normal(shape)
-        elif name == "A_log":
-            val = rng.uniform(-1.0, 1.5, shape)
-        elif name == "dt_bias":
-            val = rng.uniform(-4.0, 0.5, shape)
-        else:
-            val = (0.3 if name.startswith(("conv", "D")) else 0.15) * rng.standard_normal(shape)
-        out[name] = val.astype(np.float32)
-    return out
+    return {name: random_value(name, shape, rng) for name, shape in param_shapes(cfg, cfg.blocks[0]).items()}
 
 
 def random_mixer(cfg, seed=0):

@@ -13,6 +13,8 @@ from uniql_jax.compress.masks import masks_for
 from uniql_jax.compress.prune import abstract_params, slice_to_config
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 
+from test_mamba2_mixer import max_rel_err, random_value  # same folder: on sys.path under pytest
+
 SSM = dict(ssm_heads=4, ssm_head_dim=8, ssm_state=8)
 CONFIGS = {
     "mamba2": ModelConfig(arch="mamba2", vocab_size=64, hidden_size=16, ssm_groups=2, ssm_chunk_size=5, **SSM,
@@ -30,32 +32,16 @@ CONFIGS = {
 
 
 def random_params(cfg, seed=0):
-    """Random params of the model's own shapes, drawn in numpy (no RNG kernels to compile).
-
-    Norms near 1, A_log and dt_bias in the ranges of real checkpoints, the rest N(0, 0.2²);
-    integer leaves (RoPE pair indices) the identity.
-    """
+    """Random params of the model's own shapes, drawn in numpy (no RNG kernels to compile);
+    integer leaves (RoPE pair indices) the identity."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, s):
-        name = getattr(path[-1], "key", None)
         if not jnp.issubdtype(s.dtype, jnp.floating):
             return jnp.asarray(np.broadcast_to(np.arange(s.shape[-1]), s.shape), s.dtype)
-        if name in ("norm", "final_norm", "gnorm"):
-            val = 1.0 + 0.2 * rng.standard_normal(s.shape)
-        elif name == "A_log":
-            val = rng.uniform(-1.0, 1.5, s.shape)
-        elif name == "dt_bias":
-            val = rng.uniform(-4.0, 0.5, s.shape)
-        else:
-            val = 0.2 * rng.standard_normal(s.shape)
-        return jnp.asarray(val, s.dtype)
+        return jnp.asarray(random_value(path[-1].key, s.shape, rng), s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg))
-
-
-def max_rel_err(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
