@@ -23,15 +23,19 @@ def _ridge_leverage_jax(C_FxF: jax.Array, lam: jax.Array) -> jax.Array:
 
 
 def _ridge_leverage_numpy(C_FxF: np.ndarray, lam: float) -> np.ndarray:
-    import scipy.linalg
+    from scipy.linalg import blas, lapack
 
     F = C_FxF.shape[-1]
     out = np.empty(C_FxF.shape[:-1], np.float32)
     for idx in np.ndindex(C_FxF.shape[:-2]):
-        C = 0.5 * (C_FxF[idx] + C_FxF[idx].T)
-        L = scipy.linalg.cholesky(C + np.float32(lam) * np.eye(F, dtype=np.float32), lower=True)
-        Linv = scipy.linalg.solve_triangular(L, np.eye(F, dtype=np.float32), lower=True)
-        out[idx] = np.sum(Linv * (Linv @ C), axis=0)
+        C = 0.5 * (C_FxF[idx] + C_FxF[idx].T)  # a fresh buffer: overwritten by L⁻¹ C below
+        A = C + np.float32(lam) * np.eye(F, dtype=np.float32)
+        L, info = lapack.spotrf(A, lower=1, clean=1, overwrite_a=1)  # A = L Lᵀ
+        if info:
+            raise np.linalg.LinAlgError(f"Cholesky of C + λI failed (info={info})")
+        Linv, info = lapack.strtri(L, lower=1, overwrite_c=1)  # in place: n³/3 flops
+        Z = blas.strmm(1.0, Linv, C, lower=1, overwrite_b=1)  # L⁻¹ C, triangular product: n³ flops
+        out[idx] = np.sum(Linv * Z, axis=0)
     return out
 
 
