@@ -18,6 +18,15 @@ STORIES260K = SHARED_DATA / "stories260K"
 TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_valid_900.txt"
 
 
+def setup_logging():
+    """Our progress messages at INFO on stderr; other libraries' chatter only from WARNING up."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for name in ("compress", "evaluate", "uniql_jax"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 

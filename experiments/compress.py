@@ -72,7 +72,7 @@ def check_args(args):
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     rates, out = check_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common.setup_logging()
 
     import uniql_jax as uq
     from uniql_jax import data

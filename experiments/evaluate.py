@@ -43,7 +43,7 @@ def checkpoint_dir(path: Path) -> tuple[Path, Path]:
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    common.setup_logging()
     from uniql_jax import checkpoint
     from uniql_jax.compress.allocate import param_count
     from uniql_jax.eval import window_nll, perplexity
