@@ -21,11 +21,15 @@ SSM = dict(ssm_heads=4, ssm_head_dim=6, ssm_groups=2, ssm_state=8, conv_kernel=3
 def tiny_config(arch: str) -> ModelConfig:
     """Two or three decoder layers of each arch, every block kind its arch uses.
 
-    llama: MHA-free GQA with full RoPE; qwen2: + q/k/v biases; mamba2: SSM only;
+    llama: GQA with full RoPE (llama_mha: one decoder layer of MHA); qwen2: + q/k/v biases; mamba2: SSM only;
     nemotron_h: Mamba2 / attention without RoPE / ReLU² MLP layers; bamba: Mamba2 and
     partial-rotary attention mixers, each followed by a gated MLP.
     """
     hd = ATTN["head_dim"]
+    if arch == "llama_mha":  # multi-head attention: one query head per kv head
+        blocks = (AttentionBlock(0, hd // 2, 0, hd), MLPBlock(0, 40))
+        return ModelConfig(arch="llama", vocab_size=V, hidden_size=D, blocks=blocks, rotary_dim=hd, intermediate_size=40,
+                           **{**ATTN, "num_kv_heads": ATTN["num_heads"]})
     if arch in ("llama", "qwen2"):
         blocks = [b for i in range(2) for b in (AttentionBlock(i, hd // 2, 0, hd), MLPBlock(i, 40))]
         return ModelConfig(arch=arch, vocab_size=V, hidden_size=D, blocks=tuple(blocks), rotary_dim=hd,
