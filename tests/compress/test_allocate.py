@@ -55,7 +55,7 @@ def residual_stream(cfg, params, toks):
     return np.stack([np.asarray(a) for a in xs])
 
 
-@pytest.mark.parametrize("arch", ["bamba", "nemotron_h"])  # layers of 2 blocks; one block per layer
+@pytest.mark.parametrize("arch", ["nemotron_h", "llama"])  # one block per layer; layers of 2 blocks
 def test_block_influence_matches_the_residual_stream(arch):
     cfg, params, _, calib = sorted_model(arch)
     scores = A.block_influence(cfg, params, calib, batch_size=4)
@@ -72,7 +72,7 @@ def test_block_influence_matches_the_residual_stream(arch):
 
 @pytest.mark.parametrize("method", ["block_influence", "uniform"])
 def test_tables_shrink_with_the_rate(method):
-    cfg, _, params, calib = sorted_model("bamba")
+    cfg, _, params, calib = sorted_model("nemotron_h")
     rates = [0.0, 0.1, 0.2, 0.3]
     table = A.allocate(cfg, params, calib, rates, method=method, steps={"width": 4})
     assert sorted(table) == rates and table[0.0] == cfg.blocks
