@@ -179,7 +179,7 @@ def train_step(trainable, frozen, opt_state, batch, *, cfg, structure, hparams):
 
 
 def train(cfg, stream: np.ndarray, *, steps: int, batch_size: int, seq_len: int, lr: float, warmup: int,
-          weight_decay: float, seed: int, log_every: int = 25):
+          weight_decay: float, seed: int, log_every: int = 10):
     """AdamW + warmup/cosine on random non-overlapping windows of `stream`; returns (params, history).
 
     Initial weights: uq.init_params(cfg, seed); the batch of step i: calibration_windows
