@@ -32,10 +32,6 @@ from uniql_jax.compress.calibration import weighted_rows
 from uniql_jax.models.layers import rms_norm
 
 
-def _np(a, dtype=np.float64):
-    return np.asarray(a, dtype)
-
-
 # ----------------------------------------------------------------------------- statistics
 def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
     """Sums over tokens: C_x = Σ hᵀh [D, D] of the normalized input h, and Σ q², Σ k² per
@@ -70,8 +66,8 @@ def qk_uniql_scores(stats: dict) -> tuple:
     def score(q_name, k_name):
         if q_name not in stats:
             return None
-        q_norm = lowrank.sqrt_col_norms(_np(stats[q_name]) / n)  # [K, G, ...]
-        k_norm = lowrank.sqrt_col_norms(_np(stats[k_name]) / n)  # [K, ...]
+        q_norm = lowrank.sqrt_col_norms(lowrank.f64(stats[q_name]) / n)  # [K, G, ...]
+        k_norm = lowrank.sqrt_col_norms(lowrank.f64(stats[k_name]) / n)  # [K, ...]
         return (q_norm * k_norm[:, None]).sum(axis=1)
 
     return score("q_sq", "k_sq"), score("q_pass_sq", "k_pass_sq")
@@ -86,9 +82,9 @@ def qk_magnitude_orders(p: dict) -> dict:
     """Baseline: the same rule on weight column norms instead of activation statistics."""
     pair = pas = None
     if "q" in p:
-        pair = (np.linalg.norm(_np(p["q"]), axis=0) * np.linalg.norm(_np(p["k"]), axis=0)[:, None]).sum(axis=1)
+        pair = (np.linalg.norm(lowrank.f64(p["q"]), axis=0) * np.linalg.norm(lowrank.f64(p["k"]), axis=0)[:, None]).sum(axis=1)
     if "q_pass" in p:
-        pas = (np.linalg.norm(_np(p["q_pass"]), axis=0) * np.linalg.norm(_np(p["k_pass"]), axis=0)[:, None]).sum(axis=1)
+        pas = (np.linalg.norm(lowrank.f64(p["q_pass"]), axis=0) * np.linalg.norm(lowrank.f64(p["k_pass"]), axis=0)[:, None]).sum(axis=1)
     return qk_orders_from_scores(pair, pas)
 
 
@@ -131,16 +127,16 @@ def fold_v_bias(p: dict) -> dict:
     if "v_bias" not in p:
         return p
     out = dict(p)
-    v_bias = _np(p["v_bias"])  # [K, R]
-    o = _np(p["o"])  # [K, G, R, D]
-    out["o_bias"] = jnp.asarray(_np(p["o_bias"]) + np.einsum("kr,kgrd->d", v_bias, o), p["o_bias"].dtype)
+    v_bias = lowrank.f64(p["v_bias"])  # [K, R]
+    o = lowrank.f64(p["o"])  # [K, G, R, D]
+    out["o_bias"] = jnp.asarray(lowrank.f64(p["o_bias"]) + np.einsum("kr,kgrd->d", v_bias, o), p["o_bias"].dtype)
     out["v_bias"] = jnp.zeros_like(p["v_bias"])
     return out
 
 
 def vo_svd(p: dict, C_x_DxD) -> dict:
     """UniQL V/O: per kv head, W_v ← C^{-1/2} U_v U Σ and W_o ← Vᵀ (rank ordered by σ)."""
-    v, o = _np(p["v"]), _np(p["o"])  # [D, K, R], [K, G, R, D]
+    v, o = lowrank.f64(p["v"]), lowrank.f64(p["o"])  # [D, K, R], [K, G, R, D]
     D, K, R = v.shape
     G = o.shape[1]
     C_sqrt, C_inv_sqrt = lowrank.psd_sqrt_pair(C_x_DxD)
@@ -165,14 +161,14 @@ def permute_vo(p: dict, rank_order_KxR) -> dict:
 
 def vo_magnitude_order(p: dict) -> np.ndarray:
     """Baseline rank order [K, R] by ‖W_v[:, k, r]‖ · Σ_g ‖W_o[k, g, r, :]‖."""
-    return lowrank.descending_order(np.linalg.norm(_np(p["v"]), axis=0) * np.linalg.norm(_np(p["o"]), axis=-1).sum(axis=1))
+    return lowrank.descending_order(np.linalg.norm(lowrank.f64(p["v"]), axis=0) * np.linalg.norm(lowrank.f64(p["o"]), axis=-1).sum(axis=1))
 
 
 # ----------------------------------------------------------------------------- drivers
 def sort_block(cfg, blk, p: dict, stats: dict) -> dict:
     """UniQL sorting of one attention block from its statistics (`collect` summed)."""
     p = permute_qk(p, qk_uniql_orders(stats))
-    return vo_svd(fold_v_bias(p), _np(stats["C_x"]) / stats["tokens"])
+    return vo_svd(fold_v_bias(p), lowrank.f64(stats["C_x"]) / stats["tokens"])
 
 
 def baseline_block(cfg, blk, p: dict, kind: str, rng: np.random.Generator) -> dict:

@@ -105,6 +105,11 @@ def quantization_aware_svd(C_sqrt_DxD, C_inv_sqrt_DxD, Wv_DxR, Wo_RxM):
     return Wv_new, Vt, s
 
 
+def f64(a) -> np.ndarray:
+    """A float64 host copy (statistics and weights entering the float64 algebra)."""
+    return np.asarray(a, np.float64)
+
+
 def descending_order(scores) -> np.ndarray:
     """Indices sorting the last axis by decreasing score (stable: ties keep their original order)."""
     scores = np.asarray(scores, np.float64)

@@ -28,15 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniql_jax.compress import lowrank
-from uniql_jax.compress.calibration import weighted_rows
+from uniql_jax.compress.calibration import F32, weighted_rows
 from uniql_jax.models.layers import rms_norm, wdot
 from uniql_jax.models.mamba2 import causal_conv, ssd_recurrent_step
-
-F32 = jnp.float32
-
-
-def _np(a, dtype=np.float64):
-    return np.asarray(a, dtype)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -93,24 +87,24 @@ def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
 def state_scores_uniql(cfg, stats: dict) -> np.ndarray:
     """d_state scores [R_g, N]: Σ_{h in g} ‖C_ΔB^{1/2}‖_col ⊙ ‖C_C^{1/2}‖_col."""
     n = stats["tokens"]
-    dB = lowrank.sqrt_col_norms(_np(stats["dB_sq"]) / n)  # [H, N]
+    dB = lowrank.sqrt_col_norms(lowrank.f64(stats["dB_sq"]) / n)  # [H, N]
     dB = dB.reshape(cfg.ssm_groups, -1, dB.shape[-1])  # [g, h, n]
-    Cn = lowrank.sqrt_col_norms(_np(stats["C_sq"]) / n)  # [g, n]
+    Cn = lowrank.sqrt_col_norms(lowrank.f64(stats["C_sq"]) / n)  # [g, n]
     return (dB * Cn[:, None]).sum(axis=1)
 
 
 def head_dim_scores_uniql(stats: dict, lam: float = 1.0) -> np.ndarray:
     """head_dim scores [H, C]: ridge leverage of each head's state correlation."""
-    return np.asarray(lowrank.ridge_leverage(_np(stats["state_corr"]) / stats["tokens"], lam))
+    return np.asarray(lowrank.ridge_leverage(lowrank.f64(stats["state_corr"]) / stats["tokens"], lam))
 
 
 def state_order_magnitude(p: dict) -> np.ndarray:
-    return lowrank.descending_order(np.linalg.norm(_np(p["B"]), axis=0) * np.linalg.norm(_np(p["C"]), axis=0))
+    return lowrank.descending_order(np.linalg.norm(lowrank.f64(p["B"]), axis=0) * np.linalg.norm(lowrank.f64(p["C"]), axis=0))
 
 
 def head_dim_order_magnitude(p: dict) -> np.ndarray:
-    score = np.linalg.norm(_np(p["z"]), axis=0) * np.linalg.norm(_np(p["x"]), axis=0)
-    return lowrank.descending_order(score * np.linalg.norm(_np(p["out"]), axis=-1))
+    score = np.linalg.norm(lowrank.f64(p["z"]), axis=0) * np.linalg.norm(lowrank.f64(p["x"]), axis=0)
+    return lowrank.descending_order(score * np.linalg.norm(lowrank.f64(p["out"]), axis=-1))
 
 
 def random_orders(p: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
