@@ -69,6 +69,17 @@ def linear_inputs(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
     return stats
 
 
+def linear_contractions(cfg: ModelConfig, blk, block_params: dict) -> dict:
+    """{weight name: number of leading contraction axes} of every weight product of a block,
+    read off the block's own `wdot` calls (abstract evaluation, nothing computed)."""
+    module = calibration.bind_block(cfg, blk, jax.tree.map(jnp.asarray, block_params))
+    ids = {id(v.get_value()): n for n, v in vars(module).items() if isinstance(v, nnx.Param)}
+    x, pos = jnp.zeros((1, 2, cfg.hidden_size), F32), jnp.zeros((1, 2), jnp.int32)
+    with record_weight_inputs() as calls:
+        jax.eval_shape(lambda: module(x, pos, None, None, "xla"))
+    return {ids[id(w)]: contraction_count(spec) for spec, _, w in calls if id(w) in ids}
+
+
 def kept_sizes(cfg: ModelConfig, table: dict | None, block_index: int, name: str, axis: int) -> list[int]:
     """Every size the table keeps of `axis` of weight `name` of a block (full rank included)."""
     sizes = set()
@@ -151,26 +162,13 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
     t0 = time.perf_counter()
     blocks = list(params["blocks"])
-    contract: dict = {}  # (block index, name) -> number of contraction axes, learned from the recorded specs
-
-    def learn_contractions(i, blk):
-        module = calibration.bind_block(cfg, blk, jax.tree.map(jnp.asarray, blocks[i]))
-        x = jnp.zeros((1, 2, cfg.hidden_size), F32)
-        pos = jnp.zeros((1, 2), jnp.int32)
-        with record_weight_inputs() as calls:
-            jax.eval_shape(lambda: module(x, pos, None, None, "xla"))
-        ids = {id(v.get_value()): n for n, v in vars(module).items() if isinstance(v, nnx.Param)}
-        for spec, _, w in calls:
-            if id(w) in ids:
-                contract[(i, ids[id(w)])] = contraction_count(spec)
 
     skipped = []
 
     def on_block(i, blk, stats):
-        learn_contractions(i, blk)
         new = dict(blocks[i])
-        for (j, name), n in sorted(contract.items()):
-            if j != i or name not in stats:
+        for name, n in sorted(linear_contractions(cfg, blk, blocks[i]).items()):
+            if name not in stats:
                 continue
             w = blocks[i][name]
             gs = group_size_for(kept_sizes(cfg, table, i, name, n - 1), group_size)

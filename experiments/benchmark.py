@@ -1,0 +1,230 @@
+"""Decode speed and memory of compressed models: bf16 against W4 at several pruning rates.
+
+    python -m experiments.benchmark --arch llama --shape llama3_8b          # on a GPU
+    python -m experiments.benchmark --arch llama --shape tiny --prompt-len 32 --new-tokens 16   # anywhere
+
+Random weights of the real shapes (no download): a W4 model is round-to-nearest
+quantized (speed does not depend on the values), pruned through a uniform rate
+table. Per variant: prefill time, time per output token and tokens/s of a fully
+compiled decode loop (``uq.generate``: prefill + ``lax.scan`` over cached steps,
+cache preallocated), peak device memory where the backend reports it, with the
+XLA path and with the Pallas kernels. The card's copy bandwidth and bf16 matmul
+rate are measured first. JSON goes to benchmarks/<device>-decode.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from experiments import common
+
+# name -> (arch, ModelConfig keyword arguments, layer pattern for hybrids)
+SHAPES = {
+    "llama3_8b": ("llama", dict(vocab_size=128256, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                                intermediate_size=14336, rope_theta=500000.0, layers=32)),
+    "qwen2_7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, num_heads=28, num_kv_heads=4, head_dim=128,
+                               intermediate_size=18944, rope_theta=1e6, attention_bias=True, layers=28)),
+    "mamba2_8b": ("mamba2", dict(vocab_size=256000, hidden_size=4096, ssm_heads=128, ssm_head_dim=64, ssm_groups=8,
+                                 ssm_state=128, layers=56)),
+    "nemotron_h_8b": ("nemotron_h", dict(vocab_size=131072, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                                         head_dim=128, intermediate_size=21504, ssm_heads=128, ssm_head_dim=64,
+                                         ssm_groups=8, ssm_state=128, pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-")),
+    "tiny": (None, dict(vocab_size=512, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                        intermediate_size=256, ssm_heads=8, ssm_head_dim=32, ssm_groups=2, ssm_state=16, layers=2,
+                        pattern="M*-")),
+}
+
+
+def shape_config(arch: str, shape: str):
+    """A full-rank ModelConfig of a named shape (hybrid patterns: M mamba2, * attention, - MLP)."""
+    from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+
+    shape_arch, kw = SHAPES[shape]
+    if shape_arch is not None and shape_arch != arch:
+        raise common.UsageError(f"--shape {shape} is a {shape_arch} shape, not {arch}")
+    kw = dict(kw)
+    layers, pattern = kw.pop("layers", None), kw.pop("pattern", None)
+    hd = kw.get("head_dim", 0)
+    attn = lambda i, rot: AttentionBlock(i, rot // 2, hd - rot, hd)  # noqa: E731
+    mlp = lambda i: MLPBlock(i, kw["intermediate_size"])  # noqa: E731
+    ssm = lambda i: Mamba2Block(i, kw["ssm_state"], kw["ssm_head_dim"])  # noqa: E731
+    if arch in ("llama", "qwen2"):
+        blocks = [b for i in range(layers) for b in (attn(i, hd), mlp(i))]
+        extra = dict(rotary_dim=hd)
+    elif arch == "mamba2":
+        blocks = [ssm(i) for i in range(layers)]
+        extra = {}
+    elif arch == "nemotron_h":
+        kinds = {"M": ssm, "*": lambda i: attn(i, 0), "-": mlp}
+        blocks = [kinds[c](i) for i, c in enumerate(pattern)]
+        extra = dict(rotary_dim=0, mlp_activation="relu2")
+    else:  # bamba: a mixer per layer, each followed by a gated MLP; partial rotary
+        blocks = []
+        for i, c in enumerate(pattern.replace("-", "")):
+            blocks += [ssm(i) if c == "M" else attn(i, hd // 2), mlp(i)]
+        extra = dict(rotary_dim=hd // 2)
+    return ModelConfig(arch=arch, blocks=tuple(blocks), **extra, **kw)
+
+
+def uniform_table(cfg, rates, step: int = 8):
+    """{rate: per-block sizes} keeping (1 - rate) of every prunable dim, in multiples of `step`."""
+    import dataclasses
+
+    def keep(full, r):
+        if full == 0 or r == 0:
+            return full
+        return max(step, int(round((1 - r) * full / step)) * step) if full >= step else full
+
+    fields = {"attention": ("qk_pairs", "qk_pass", "vo_rank"), "mlp": ("width",), "mamba2": ("d_state", "head_dim")}
+    return {r: tuple(dataclasses.replace(b, **{f: keep(getattr(b, f), r) for f in fields[b.kind]}) for b in cfg.blocks)
+            for r in rates}
+
+
+def quantize_rtn_tree(cfg, params, group_size: int, table: dict):
+    """W4 round-to-nearest of every linear weight (along its last contraction axis), embeddings per row."""
+    import jax
+
+    from uniql_jax.quant import quantize as qz, rtn
+
+    blocks = []
+    for i, (blk, p) in enumerate(zip(cfg.blocks, params["blocks"])):
+        new = dict(p)
+        for name, n in qz.linear_contractions(cfg, blk, p).items():
+            gs = qz.group_size_for(qz.kept_sizes(cfg, table, i, name, n - 1), group_size)
+            if gs:
+                new[name] = qz.quantize_weight(p[name], None, method="rtn", bits=4, group_size=gs, n_contract=n,
+                                               damp=0.0, act_order=False)
+        blocks.append(new)
+    out = {**params, "blocks": blocks}
+    out["embed"] = rtn.rtn_quantize_embedding(params["embed"], bits=4, group_size=qz.group_size_for([cfg.hidden_size], group_size))
+    if "lm_head" in params:
+        out["lm_head"] = qz.quantize_weight(params["lm_head"], None, method="rtn", bits=4,
+                                            group_size=qz.group_size_for([cfg.hidden_size], group_size), n_contract=1,
+                                            damp=0.0, act_order=False)
+    return jax.block_until_ready(out)
+
+
+def timed(fn, *args, repeats: int = 3):
+    """Median wall time of fn(*args) after one warm-up call (compilation excluded)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def device_probe(size_mb: int):
+    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) of the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((size_mb * (1 << 20) // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    t = timed(copy, x)
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), jnp.bfloat16)
+    mm = jax.jit(lambda u, v: u @ v)
+    t_mm = timed(mm, a, a)
+    return {"copy_bandwidth_GBps": 2 * x.nbytes / t / 1e9, "bf16_matmul_TFLOPs": 2 * n ** 3 / t_mm / 1e12,
+            "copy_MB": size_mb, "matmul_n": n}
+
+
+def peak_memory():
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_variant(cfg, params, prompt, new_tokens, impl):
+    """Prefill = one compiled generate of a single token; per-token decode time from the
+    difference to a compiled generate of `new_tokens` (both whole compiled programs)."""
+    import uniql_jax as uq
+
+    one = timed(lambda p, t: uq.generate(cfg, p, t, 1, impl=impl), params, prompt)
+    full = timed(lambda p, t: uq.generate(cfg, p, t, new_tokens, impl=impl), params, prompt)
+    per_token = max(full - one, 1e-9) / (new_tokens - 1)
+    return {"prefill_s": one, "total_s": full, "ms_per_output_token": 1e3 * per_token,
+            "tokens_per_s": 1.0 / per_token, "peak_bytes": peak_memory()}
+
+
+def run(argv=None):
+    import uniql_jax as uq
+
+    p = common.Parser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", required=True, choices=uq.ARCHS)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape (default tiny)")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rates", default="0,0.15,0.25,0.35", help="W4 pruning rates (default 0,0.15,0.25,0.35)")
+    p.add_argument("--impls", default="xla,pallas", help="comma-separated: xla, pallas (default both)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--probe-mb", type=int, default=1024, help="size of the bandwidth probe copy (default 1024 MB)")
+    p.add_argument("--out", help="JSON path (default benchmarks/<device>-decode.json)")
+    args = p.parse_args(argv)
+    rates = common.parse_rates(args.rates)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if not impls or any(i not in ("xla", "pallas") for i in impls):
+        raise common.UsageError(f"--impls must list xla and/or pallas, got {args.impls!r}")
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        raise common.UsageError("--prompt-len must be >= 1 and --new-tokens >= 2")
+    common.setup_logging()
+
+    import jax
+    import jax.numpy as jnp
+
+    from uniql_jax.compress.prune import prune
+    from uniql_jax.quant.qarray import deployed_bytes
+
+    device = jax.devices()[0]
+    device_name = device.device_kind.lower().replace(" ", "-")
+    cfg = shape_config(args.arch, args.shape)
+    print(f"{args.arch} {args.shape} on {device.device_kind}: probing the device ...", file=sys.stderr)
+    result = {"arch": args.arch, "shape": args.shape, "device": device.device_kind, "backend": jax.default_backend(),
+              "date": time.strftime("%Y-%m-%d"), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "probe": device_probe(args.probe_mb), "variants": []}
+    params = jax.jit(lambda: uq.init_params(cfg, 0, jnp.bfloat16))()
+    prompt = jnp.asarray(jax.random.randint(jax.random.PRNGKey(0), (1, args.prompt_len), 0, cfg.vocab_size), jnp.int32)
+    table = uniform_table(cfg, rates)
+    variants = [("bf16", 0.0, cfg, params)]
+    w4 = quantize_rtn_tree(cfg, params, args.group_size, table)
+    for r in rates:
+        cfg_r, params_r = prune(cfg, w4, r, table) if r else (cfg, w4)
+        variants.append(("w4", r, cfg_r, params_r))
+    del params
+    for name, rate, cfg_v, params_v in variants:
+        for impl in impls:
+            if name == "bf16" and impl == "pallas":
+                continue  # kernels serve packed weights; bf16 has none
+            print(f"  {name} rate {rate:.2f} {impl} ...", file=sys.stderr)
+            row = {"variant": name, "rate": rate, "impl": impl,
+                   "param_bytes": deployed_bytes(params_v)}
+            row.update(bench_variant(cfg_v, params_v, prompt, args.new_tokens, impl))
+            result["variants"].append(row)
+    base = next(v for v in result["variants"] if v["variant"] == "bf16")
+    for v in result["variants"]:
+        v["speedup_vs_bf16"] = v["tokens_per_s"] / base["tokens_per_s"]
+    out = Path(args.out or f"benchmarks/{device_name}-decode.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'variant':>8} {'rate':>5} {'impl':>6} {'prefill s':>10} {'ms/token':>9} {'tok/s':>8} {'x bf16':>7}")
+    for v in result["variants"]:
+        print(f"{v['variant']:>8} {v['rate']:>5.2f} {v['impl']:>6} {v['prefill_s']:>10.4f} "
+              f"{v['ms_per_output_token']:>9.3f} {v['tokens_per_s']:>8.1f} {v['speedup_vs_bf16']:>7.2f}")
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+def main(argv=None):
+    common.main_guard(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
