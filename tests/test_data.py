@@ -56,6 +56,7 @@ def test_holdout_is_the_last_tenth_of_documents():
     docs = [f"doc {i}" for i in range(25)]
     train, held = data.holdout(docs, 0.1)
     assert held == docs[-3:] and train == docs[:-3]  # ceil(2.5) = 3
+    assert len(data.holdout(docs[:20], 0.1)[1]) == 2 and len(data.holdout(docs + docs[:5], 0.1)[1]) == 3  # 30 docs
     with pytest.raises(data.DataError):
         data.holdout(docs[:1], 0.1)
 

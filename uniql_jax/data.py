@@ -28,6 +28,7 @@ holds only real tokens: no padding, no end-of-text filler.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -150,8 +151,7 @@ def holdout(documents: list[str], fraction: float = 0.1) -> tuple[list[str], lis
     """(train, held_out): the held-out part is the last ceil(fraction * n) documents."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"hold-out fraction must be in (0, 1), got {fraction}")
-    n_out = -(-len(documents) * fraction // 1)
-    n_out = int(n_out)
+    n_out = math.ceil(round(len(documents) * fraction, 9))  # round: 30 * 0.1 is 3.0000000000000004
     if n_out < 1 or n_out >= len(documents):
         raise DataError(f"{len(documents)} documents cannot be split with a {fraction:.0%} hold-out")
     return documents[:-n_out], documents[-n_out:]
