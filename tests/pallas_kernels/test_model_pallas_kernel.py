@@ -39,3 +39,29 @@ def test_quantized_pruned_model_pallas_equals_xla(dtype):
     # bf16: rounding of intermediate activations may differ between the fused and XLA orders
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2 * np.abs(want).max(), rtol=0)
     assert_close(got, want, **tol, what="logits")
+
+
+@pytest.mark.slow  # interpret-mode kernels over a whole (tiny) trained model
+def test_default_model_pruned_and_quantized_pallas_equals_xla():
+    """The embedded llama default, sorted order kept, W4 (GPTQ-format packing via the driver's RTN
+    path) and pruned at 25 % through a uniform table: kernels == reference."""
+    from converters import hf
+    from experiments.benchmark import quantize_rtn_tree, uniform_table
+    from experiments.common import DEFAULTS
+    from uniql_jax.compress.prune import prune
+    from uniql_jax.inference import forward
+
+    cfg, params = hf.load(DEFAULTS / "llama")
+    table = uniform_table(cfg, [0.25])
+    cfg_p, params_p = prune(cfg, quantize_rtn_tree(cfg, params, 32, table), 0.25, table)
+    assert any(qarray.is_qarray(x) for x in jax_leaves(params_p))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
+    want = np.asarray(forward(cfg_p, params_p, tokens, impl="xla"), np.float64)
+    got = forward(cfg_p, params_p, tokens, impl="pallas")
+    assert_close(got, want, atol=1e-4 * np.abs(want).max(), rtol=0, what="logits")
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree, is_leaf=qarray.is_qarray)
