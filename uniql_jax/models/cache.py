@@ -11,17 +11,13 @@ import jax.numpy as jnp
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.attention import init_attention_cache
+from uniql_jax.models.mamba2 import init_mamba2_cache
 
 CACHE_INITS = {
     "attention": init_attention_cache,
     "mlp": lambda cfg, blk, batch, max_len, dtype: {},
+    "mamba2": init_mamba2_cache,
 }
-try:
-    from uniql_jax.models.mamba2 import init_mamba2_cache
-
-    CACHE_INITS["mamba2"] = init_mamba2_cache
-except ImportError:  # pragma: no cover - during bring-up only
-    pass
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:

@@ -18,17 +18,12 @@ from flax import nnx
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.attention import Attention
+from uniql_jax.models.mamba2 import Mamba2
 from uniql_jax.models.layers import dense_init, rms_norm, wdot, weight
 from uniql_jax.models.mlp import MLP
-from uniql_jax.quant import qarray
+from uniql_jax.quant import qarray, rtn
 
-BLOCK_MODULES = {"attention": Attention, "mlp": MLP}
-try:  # the SSM mixer registers itself here once it exists
-    from uniql_jax.models.mamba2 import Mamba2
-
-    BLOCK_MODULES["mamba2"] = Mamba2
-except ImportError:  # pragma: no cover - during bring-up only
-    pass
+BLOCK_MODULES = {"attention": Attention, "mlp": MLP, "mamba2": Mamba2}
 
 
 def embed_lookup(table, tokens: jax.Array, dtype) -> jax.Array:
@@ -38,11 +33,7 @@ def embed_lookup(table, tokens: jax.Array, dtype) -> jax.Array:
     so only the looked-up rows are dequantized.
     """
     if qarray.is_qarray(table):
-        if table.axis != 1:
-            raise ValueError("a quantized embedding table must be quantized along D (axis=1)")
-        rows = qarray.QArray(table.codes[tokens], table.scales[tokens], table.bits, table.group_size,
-                             tokens.ndim, tokens.shape + (table.shape[1],))
-        return qarray.dequantize(rows, dtype)
+        return rtn.lookup_rows(table, tokens, dtype)
     return table[tokens].astype(dtype)
 
 
