@@ -263,6 +263,7 @@ def reconstruct_block(
     rounds: int = 15,
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
     axes: dict | None = None,
+    group_sizes: dict | None = None,
     gradient_filtering: bool = True,
     progress: Callable[[int, float], None] | None = None,
     log_every: int = 100,
@@ -272,7 +273,8 @@ def reconstruct_block(
     ``apply_fn(params, x)`` is the block's pure forward; ``linear_paths`` name weights
     ``[Din, Dout]`` inside the nested-dict ``block_params`` (tuples of keys or "a/b/c"),
     quantized along axis 0, or along ``axes[path]`` for other layouts (e.g. an o_proj
-    ``[heads, rank, D]`` along its rank axis).
+    ``[heads, rank, D]`` along its rank axis); ``group_sizes[path]`` overrides ``group_size``
+    per weight (weights of one block may need different groups to stay sliceable).
     Calibration: ``x_fp_in`` / ``x_q_in`` [N, ...] the block inputs in the full-precision
     and the already-quantized model, ``y_fp_out`` [N, ...] the full-precision block output.
 
@@ -287,10 +289,12 @@ def reconstruct_block(
     """
     paths = [_as_path(p) for p in linear_paths]
     axes = {_as_path(p): a for p, a in (axes or {}).items()}
+    group_sizes = {_as_path(p): g for p, g in (group_sizes or {}).items()}
     weights = {p: tree_get(block_params, p) for p in paths}
     qparams, qbuffers = {}, {}
     for p in paths:
-        qparams[p], qbuffers[p] = unified_init(weights[p], bits=bits, group_size=group_size, axis=axes.get(p, 0),
+        qparams[p], qbuffers[p] = unified_init(weights[p], bits=bits, group_size=group_sizes.get(p, group_size),
+                                               axis=axes.get(p, 0),
                                                rounds=rounds, clip_ratios=clip_ratios)
 
     labels = UniQuanParams("delta", "delta", "delta", "alpha")  # the optax partition of one quantizer
