@@ -125,28 +125,39 @@ def _split_dims(name: str, shape) -> tuple[int, int]:
     return math.prod(shape[:n_in]), math.prod(shape[n_in:])
 
 
+def lora_shapes(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig) -> tuple:
+    """Per block, per adapter: (name, d_in, ((part, d_out), ...)) — the static layout of the adapters."""
+    unknown = set(lora_cfg.targets) - set(ALL_TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; expected some of {ALL_TARGETS}")
+    return tuple(
+        tuple((name, _split_dims(name, bp[parts[0]].shape)[0],
+               tuple((p, _split_dims(name, bp[p].shape)[1]) for p in parts))
+              for name, parts in _adapter_parts(blk.kind, bp, lora_cfg.targets).items())
+        for blk, bp in zip(cfg.blocks, params["blocks"]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_lora(shapes: tuple, rank: int, seed: int) -> dict:
+    key = jax.random.PRNGKey(seed)
+    blocks = []
+    for i, block in enumerate(shapes):
+        adapters = {}
+        for j, (name, d_in, parts) in enumerate(block):
+            bound = 1.0 / math.sqrt(d_in)
+            A = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, i), j), (d_in, rank), F32, -bound, bound)
+            adapters[name] = {"A": A, "B": {p: jnp.zeros((rank, d_out), F32) for p, d_out in parts}}
+        blocks.append(adapters)
+    return {"blocks": blocks}
+
+
 def init_lora(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig = LoraConfig(), seed: int = 0) -> dict:
     """Adapters {"blocks": [{adapter: {"A": [d_in, r], "B": {part: [r, d_out_part]}}}]}, float32.
 
     A ~ U(−1/√d_in, 1/√d_in) (PEFT's kaiming-uniform default), B = 0: the merged model
-    starts equal to `params`.
+    starts equal to `params`. Only the shapes of `params` are read.
     """
-    unknown = set(lora_cfg.targets) - set(ALL_TARGETS)
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; expected some of {ALL_TARGETS}")
-    key = jax.random.PRNGKey(seed)
-    blocks = []
-    for i, (blk, bp) in enumerate(zip(cfg.blocks, params["blocks"])):
-        adapters = {}
-        for j, (name, parts) in enumerate(_adapter_parts(blk.kind, bp, lora_cfg.targets).items()):
-            d_in = _split_dims(name, bp[parts[0]].shape)[0]
-            bound = 1.0 / math.sqrt(d_in)
-            A = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, i), j), (d_in, lora_cfg.rank), F32,
-                                   -bound, bound)
-            B = {p: jnp.zeros((lora_cfg.rank, _split_dims(name, bp[p].shape)[1]), F32) for p in parts}
-            adapters[name] = {"A": A, "B": B}
-        blocks.append(adapters)
-    return {"blocks": blocks}
+    return _init_lora(lora_shapes(cfg, params, lora_cfg), int(lora_cfg.rank), int(seed))
 
 
 def merge(params: dict, lora: dict, lora_cfg: LoraConfig, dropout_key=None) -> dict:
@@ -332,11 +343,19 @@ def read_finetune_documents(source) -> list[str]:
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
         text = data.read_text(path)
         stripped = text.lstrip()
-        try:
-            records = json.loads(stripped) if stripped.startswith("[") else \
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise data.DataError(f"{source}: not JSON lines ({e.msg} at line {e.lineno})") from None
+        if stripped.startswith("["):
+            try:
+                records = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise data.DataError(f"{source}: not a JSON list ({e.msg} at line {e.lineno})") from None
+        else:
+            records = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise data.DataError(f"{source}: not JSON lines ({e.msg} at line {lineno})") from None
         bad = [i for i, r in enumerate(records) if not isinstance(r, dict) or
                not ({"instruction", "output"} <= set(r) or "text" in r)]
         if bad:
@@ -356,12 +375,15 @@ class FinetuneResult:
     history: dict  # per-step metrics, evaluations, timings, best step
 
 
-def _fingerprint(cfg, lora_cfg, tc, train_w, eval_w, rates) -> dict:
-    """What must match for a checkpoint to be resumed (a different run must not continue it)."""
+def _fingerprint(cfg, params, lora_cfg, tc, train_w, eval_w, rates, **selection) -> dict:
+    """What must match for a checkpoint to be resumed (a different run must not continue it):
+    hyper-parameters, data, rates, the model's config and a per-leaf checksum of its weights."""
     crc = lambda a: zlib.crc32(np.ascontiguousarray(a).tobytes())  # noqa: E731
+    sums = jax.tree.leaves(jax.tree.map(lambda x: jnp.sum(x.astype(F32)), params))
     return {"lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
-            "blocks": len(cfg.blocks), "train_windows": [int(train_w.shape[0]), crc(train_w)],
-            "eval_windows": [int(eval_w.shape[0]), crc(eval_w)], "rates": [float(r) for r in rates]}
+            "model": zlib.crc32(repr(cfg).encode()), "weights": crc(np.asarray(jnp.stack(sums))), "train_windows": [int(train_w.shape[0]), crc(train_w)],
+            "eval_windows": [int(eval_w.shape[0]), crc(eval_w)], "rates": [float(r) for r in rates],
+            **selection}
 
 
 def _json_roundtrip(obj):
@@ -404,15 +426,18 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
                dropout: float = 0.05, targets=ALL_TARGETS, lr: float = 1e-4, warmup_steps: int | None = None,
                end_lr_ratio: float = 0.0, weight_decay: float = 0.0, clip_norm: float = 1.0,
                compute_dtype: str = "float32", eval_every: int | None = None, eval_windows: int = 32,
-               eval_batch_size: int = 8, ckpt_dir=None, ckpt_every: int | None = None, seed: int = 0,
-               progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> FinetuneResult:
+               eval_batch_size: int = 8, dense_tolerance: float | None = 0.01, ckpt_dir=None,
+               ckpt_every: int | None = None, seed: int = 0, progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> FinetuneResult:
     """Masked LoRA fine-tuning of a sorted model over the rates of `table` (module docstring).
 
     train_tokens / eval_tokens: 1-D token streams, packed into non-overlapping windows of
     `seq_len` (eval: the first `eval_windows`). The evaluation loss is the held-out mean
     NLL averaged over every rate of the table; it is measured before training (step 0),
     every `eval_every` steps and after the last, and the adapters with the lowest are
-    kept (`best_lora`). warmup_steps None: min(100, steps // 10).
+    kept (`best_lora`) among those that keep the lightest rate of the table (the dense
+    model when 0 is in the grid) within `dense_tolerance` of its starting perplexity on
+    the same split (exp(Δ loss) ≤ 1 + dense_tolerance; None: no such guard). Step 0
+    (the sorted model itself) always qualifies. warmup_steps None: min(100, steps // 10).
 
     ckpt_dir: an Orbax CheckpointManager folder. The state (adapters, AdamW state, best
     adapters, history) is saved every `ckpt_every` steps and at the end; when the folder
@@ -447,14 +472,18 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     best_lora = jax.tree.map(jnp.copy, lora)  # `state` is donated to the step; keep separate buffers
     history = {"steps": [], "evals": [], "rates": rates, "rate_probs": rate_probs(len(rates)).tolist(),
                "best_step": None, "best_eval_loss": None}
-    fingerprint = _json_roundtrip(_fingerprint(cfg, lora_cfg, tc, train_w, eval_w, rates))
+    fingerprint = _json_roundtrip(_fingerprint(cfg, params, lora_cfg, tc, train_w, eval_w, rates, eval_every=eval_every,
+                                               dense_tolerance=dense_tolerance))
 
     def evaluate(step, lora_now):
+        """Eval loss of the adapters, or None when they break the dense guard."""
         merged = merged_params(cfg, lora_cfg, base, lora_now)
         per_rate = eval_nll_per_rate(cfg, merged, eval_w, stacked, batch_size=eval_batch_size)
         entry = {"step": step, "eval_loss": float(per_rate.mean()), "per_rate": per_rate.tolist()}
+        if history["evals"] and dense_tolerance is not None:
+            entry["dense_ok"] = bool(per_rate[0] <= history["evals"][0]["per_rate"][0] + math.log1p(dense_tolerance))
         history["evals"].append(entry)
-        return entry["eval_loss"]
+        return entry["eval_loss"] if entry.get("dense_ok", True) else None
 
     ckpts = _Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     start = 0
@@ -478,7 +507,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc="masked LoRA", unit="step", initial=start, total=steps)
-    t_loop, t_first, n_timed = time.perf_counter(), None, 0
+    t_first, step_s, n_timed = None, 0.0, 0
     for step in bar:
         idx = batch_indices(len(train_w), step, per_step, seed)
         batch = jnp.asarray(train_w[idx].reshape(tc.grad_accum, tc.batch_size, seq_len))
@@ -488,7 +517,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         if t_first is None:
             t_first = time.perf_counter() - t0  # includes compilation
         else:
-            n_timed += 1
+            step_s, n_timed = step_s + time.perf_counter() - t0, n_timed + 1
         metrics = {"step": step + 1, "loss": metrics["loss"], "rate": rates[int(metrics["rate_index"])],
                    "grad_norm": metrics["grad_norm"], "lr": learning_rate(tc, step)}
         history["steps"].append(metrics)
@@ -497,21 +526,19 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         done = step + 1
         if done % eval_every == 0 or done == steps:
             value = evaluate(done, state["lora"])
-            if value < history["best_eval_loss"]:
+            if value is not None and value < history["best_eval_loss"]:
                 history["best_eval_loss"], history["best_step"] = value, done
                 best_lora = jax.tree.map(jnp.copy, state["lora"])  # state buffers are donated to the next step
-            log.info("step %d: eval loss %.4f (best %.4f at step %d)", done, value, history["best_eval_loss"],
-                     history["best_step"])
+            log.info("step %d: eval loss %.4f%s (best %.4f at step %d)", done, history["evals"][-1]["eval_loss"],
+                     "" if value is not None else " (dense guard)", history["best_eval_loss"], history["best_step"])
         if done % ckpt_every == 0 or done == steps:
             checkpoint(done)
         if callback is not None:
             callback(done, metrics)
     if ckpts is not None:
         ckpts.close()
-    loop_s = time.perf_counter() - t_loop
-    if n_timed:
-        steady = loop_s - (t_first or 0.0)
-        history["tokens_per_s"] = n_timed * per_step * seq_len / max(steady, 1e-9)
+    if n_timed:  # train steps only: compilation, evaluations and checkpoints excluded
+        history["tokens_per_s"] = n_timed * per_step * seq_len / max(step_s, 1e-9)
     history["timings_s"] = {"total": round(time.perf_counter() - t_start, 3), "first_step": t_first}
     history["config"] = {"lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
                           "eval_every": eval_every, "eval_windows": int(eval_w.shape[0]),
@@ -529,3 +556,59 @@ def finetune(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_tok
     lora_cfg = LoraConfig(**{**result.history["config"]["lora"],
                              "targets": tuple(result.history["config"]["lora"]["targets"])})
     return merged_params(cfg, lora_cfg, params, result.best_lora), result.history
+
+
+def split_stream(tokens, fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) of a 1-D stream: the held-out part is its last ⌈fraction · windows⌉
+    windows of `seq_len`, so no training window overlaps it."""
+    tokens = np.asarray(tokens, np.int32)
+    n = len(tokens) // seq_len
+    n_out = int(math.ceil(n * fraction))
+    if not 0 < n_out < n:
+        raise ValueError(f"{len(tokens)} tokens ({n} windows of {seq_len}) cannot be split with a "
+                         f"{fraction:.0%} held-out part")
+    cut = (n - n_out) * seq_len
+    return tokens[:cut], tokens[cut:]
+
+
+def finetune_stage(cfg: ModelConfig, params: dict, table: dict, *, steps: int, tokens=None, source=None,
+                   tokenizer=None, holdout: float = 0.1, seq_len: int = 256, seed: int = 0, eval_tokens=None,
+                   **kw) -> tuple[dict, dict]:
+    """Stage 3 of `experiments.compress`: (sorted params with the best adapters merged, report).
+
+    Training text: `source` (a JSON-lines / JSON Alpaca-style instruction file or a text
+    file, tokenized with `tokenizer`; its last `holdout` documents are the evaluation
+    split that picks the best adapters), or else `tokens` (a 1-D stream, e.g. the
+    calibration stream; its last `holdout` windows are the evaluation split). Keep both
+    disjoint from the perplexity text. With `eval_tokens` the report holds the
+    perplexity grid of the sliced model at every rate of `table` before and after
+    ("ppl": [{"rate", "before", "after"}]). Other keywords go to `train_lora`
+    (batch_size, lr, rank, ckpt_dir, ...).
+    """
+    from uniql_jax import data
+    from uniql_jax.compress.allocate import evaluate_rates
+
+    t0 = time.perf_counter()
+    if source is not None:
+        if tokenizer is None:
+            raise ValueError("a fine-tuning source file needs the model's tokenizer")
+        train_docs, dev_docs = data.holdout(read_finetune_documents(source), holdout)
+        train_tokens, dev_tokens = data.token_stream(train_docs, tokenizer), data.token_stream(dev_docs, tokenizer)
+    elif tokens is not None:
+        train_tokens, dev_tokens = split_stream(tokens, holdout, seq_len)
+    else:
+        raise ValueError("finetune_stage needs `source` (with `tokenizer`) or `tokens`")
+    data_s = time.perf_counter() - t0
+    before = evaluate_rates(cfg, params, table, eval_tokens, seq_len=seq_len) if eval_tokens is not None else None
+    merged, history = finetune(cfg, params, table, train_tokens, dev_tokens, steps=steps, seq_len=seq_len,
+                               seed=seed, **kw)
+    report = {key: history.get(key) for key in ("best_step", "best_eval_loss", "tokens_per_s", "config", "evals",
+                                                "rates", "rate_probs")}
+    report["source"] = str(source) if source is not None else "token stream"
+    report["train_tokens"], report["dev_tokens"] = int(len(train_tokens)), int(len(dev_tokens))
+    report["loss_curve"] = [[h["step"], h["loss"], h["rate"]] for h in history["steps"]]
+    report["timings_s"] = {"data": round(data_s, 3), **history["timings_s"]}
+    if before is not None:
+        after = evaluate_rates(cfg, merged, table, eval_tokens, seq_len=seq_len)
+        report["ppl"] = [{"rate": b["rate"], "before": b["ppl"], "after": a["ppl"]} for b, a in zip(before, after)]
+    return merged, report
