@@ -71,7 +71,7 @@ def storage(cfg, params) -> dict:
 
     from uniql_jax.models.layers import weight
     from uniql_jax.quant import bcq, qarray
-    from uniql_jax.quant.uniquan_driver import linear_axes
+    from uniql_jax.quant.quantize import linear_contractions
 
     is_packed = lambda x: qarray.is_qarray(x) or bcq.is_bcq(x)  # noqa: E731
 
@@ -83,7 +83,7 @@ def storage(cfg, params) -> dict:
     linear = []
     for blk, block in zip(cfg.blocks, params["blocks"]):
         dense = {k: weight(v, jnp.float32) if is_packed(v) else v for k, v in block.items()}
-        for name in linear_axes(cfg, blk, dense):
+        for name in linear_contractions(cfg, blk, dense):
             linear.append(block[name])
     if "lm_head" in params:
         linear.append(params["lm_head"])

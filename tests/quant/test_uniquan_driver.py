@@ -17,7 +17,7 @@ from uniql_jax.compress import calibration
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 from uniql_jax.models.layers import weight
 from uniql_jax.quant import bcq, qarray, uniquan_driver as ud
-from uniql_jax.quant.quantize import kept_sizes
+from uniql_jax.quant.quantize import kept_sizes, linear_contractions
 
 V, D, BITS = 64, 32, 3
 RATES = (0.0, 0.25, 0.5)
@@ -82,9 +82,10 @@ def packed_names(block):
 def test_every_linear_is_sliceable_bcq_and_the_model_runs(pipeline):
     cfg, params_s, calib, table, q = pipeline
     for i, (blk, block) in enumerate(zip(cfg.blocks, q["blocks"])):
-        axes = ud.linear_axes(cfg, blk, params_s["blocks"][i])
-        assert packed_names(block) == sorted(axes)  # every weight product, nothing else
-        for name, (axis, _) in axes.items():
+        contractions = linear_contractions(cfg, blk, params_s["blocks"][i])
+        assert packed_names(block) == sorted(contractions)  # every weight product, nothing else
+        for name, n in contractions.items():
+            axis = n - 1  # the last contraction axis
             w = block[name]
             assert (w.bits, w.axis, w.shape) == (BITS, axis, tuple(params_s["blocks"][i][name].shape))
             assert all(n % w.group_size == 0 for n in kept_sizes(cfg, table, i, name, axis))

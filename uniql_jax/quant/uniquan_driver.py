@@ -5,7 +5,7 @@ and ``bcq`` (the packed ``BCQArray``, slicing, nested planes); this driver walks
 model, in the same frame as the GPTQ driver (``quantize.py``):
 
 * which weights, along which axis, with which groups: every weight product a block
-  makes (``layers.record_weight_inputs``), quantized along its last contraction axis
+  makes (``quantize.linear_contractions``), quantized along its last contraction axis
   in groups that divide every size the rate table keeps of that axis
   (``quantize.kept_sizes`` / ``group_size_for``), so a pruned slice of a BCQ weight is
   a whole number of groups and pruning never re-quantizes;
@@ -16,8 +16,8 @@ model, in the same frame as the GPTQ driver (``quantize.py``):
   (UNIQUAN.md "Objective"), folded to ``BCQArray``, and ``x_q`` is pushed through the
   folded block;
 * embeddings: per-row round-to-nearest (``rtn.rtn_quantize_embedding``, as for GPTQ;
-  a tied head reads them); an untied lm_head: the unified-init BCQ fit, or a
-  reconstruction of the logits (``head_steps > 0``).
+  a tied head reads them); an untied lm_head: BCQ reconstructed on its logits like a
+  block (``head_steps``), or the unified-init BCQ fit alone (``head_steps=0``).
 
 ``nested_planes`` gives the second elastic axis: a k-bit BCQ model evaluated with its
 first k' planes, alpha and offset refit by least squares on calibration inputs of the
@@ -35,15 +35,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from uniql_jax.compress import calibration
 from uniql_jax.config import ModelConfig
 from uniql_jax.eval import data_mesh
-from uniql_jax.models.layers import record_weight_inputs, rms_norm
+from uniql_jax.models.layers import rms_norm
 from uniql_jax.quant import bcq, rtn, uniquan
-from uniql_jax.quant.quantize import contraction_count, group_size_for, kept_sizes, linear_inputs
+from uniql_jax.quant.quantize import group_size_for, kept_sizes, linear_contractions, linear_inputs
 
 log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -56,30 +55,15 @@ HEAD_LOGITS_BUDGET = 1 << 30  # bytes of float32 fp logits [N, T, V] the lm_head
 # ---------------------------------------------------------------------------
 
 
-def linear_axes(cfg: ModelConfig, blk, block_params: dict) -> dict[str, tuple[int, int]]:
-    """{weight name: (quantized axis, number of contraction axes)} of every weight product of a block.
-
-    The quantized axis is the last contraction axis: D for q/k/v/gate/up/in_proj (0),
-    R for o [K, G, R, D] (2), F for down (0), C for Mamba out [H, C, D] (1).
-    """
-    module = calibration.bind_block(cfg, blk, block_params)
-    x = jnp.zeros((1, 2, cfg.hidden_size), F32)
-    pos = jnp.zeros((1, 2), jnp.int32)
-    with record_weight_inputs() as calls:
-        jax.eval_shape(lambda: module(x, pos, None, None, "xla"))
-    names = {id(v.get_value()): n for n, v in vars(module).items() if isinstance(v, nnx.Param)}
-    out = {}
-    for spec, _, w in calls:
-        if id(w) in names:
-            n = contraction_count(spec)
-            out[names[id(w)]] = (n - 1, n)
-    return out
-
-
 def block_plan(cfg: ModelConfig, table: dict | None, i: int, block_params: dict, group_size: int):
-    """({name: axis}, {name: group size}, [names left in 16 bits]) for block i."""
+    """({name: quantized axis}, {name: group size}, [names left in 16 bits]) for block i.
+
+    The quantized axis is a weight's last contraction axis: D for q/k/v/gate/up/in_proj
+    (0), R for o [K, G, R, D] (2), F for down (0), C for Mamba out [H, C, D] (1).
+    """
     axes, groups, skipped = {}, {}, []
-    for name, (axis, _) in sorted(linear_axes(cfg, cfg.blocks[i], block_params).items()):
+    for name, n in sorted(linear_contractions(cfg, cfg.blocks[i], block_params).items()):
+        axis = n - 1
         gs = group_size_for(kept_sizes(cfg, table, i, name, axis), group_size)
         if gs is None:
             skipped.append(name)
@@ -276,10 +260,10 @@ def nested_planes(cfg: ModelConfig, params_q: dict, params_ref: dict, calib, bit
         packed = {k: v for k, v in blocks[i].items() if bcq.is_bcq(v)}
         if not packed:
             return None
-        contract = linear_axes(cfg, blk, dense(blocks[i]))
+        contract = linear_contractions(cfg, blk, dense(blocks[i]))
         new = dict(blocks[i])
         for name, w in packed.items():
-            H = axis_correlation(stats[name], w.shape, contract[name][1]) / stats["tokens"]
+            H = axis_correlation(stats[name], w.shape, contract[name]) / stats["tokens"]
             new[name] = drop(w, params_ref["blocks"][i][name], H)
         blocks[i] = new
         return dense(new)
