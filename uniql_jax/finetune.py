@@ -33,6 +33,17 @@ of the adapter (rows of A, rescaled by 1/(1−p)) with one mask per adapter per
 micro-batch. Same expectation as input dropout, shared across the tokens of a
 micro-batch.
 
+Precision. Adapters, their gradients and the AdamW state are float32. With
+compute_dtype="bfloat16" the frozen weights, the merged weights and the activations are
+bfloat16; an update smaller than bfloat16's spacing at W (≈0.4 % of |W|) is rounded away
+in the forward (the gradient still reaches A and B). bfloat16 is meant for
+accelerators; on CPU it is no faster (benchmarks/finetune-cpu.json).
+
+Selection. The evaluation loss is the held-out NLL averaged over the rates of the grid;
+the adapters kept are the best by that loss among those that leave the lightest rate
+(the dense model) within `dense_tolerance` (1 %) of its starting perplexity on that
+split: a shared adapter may not buy pruned accuracy with dense accuracy beyond that.
+
 Layers (house style): a pure core (`init_lora`, `merge`, `loss`, `train_step`,
 `eval_nll_per_rate`) and a thin driver (`train_lora` / `finetune`) with progress,
 wall times and an Orbax CheckpointManager. Every random choice (batch order, rate,
@@ -446,6 +457,10 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     run. `callback(step, metrics)` is called after every step (and after its checkpoint).
     """
     t_start = time.perf_counter()
+    from uniql_jax.compress.prune import is_packed
+
+    if any(is_packed(x) for x in jax.tree.leaves(params, is_leaf=is_packed)):
+        raise ValueError("fine-tune the 16-bit sorted model: adapters are merged before quantization")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if compute_dtype not in ("float32", "bfloat16"):
@@ -475,14 +490,18 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     fingerprint = _json_roundtrip(_fingerprint(cfg, params, lora_cfg, tc, train_w, eval_w, rates, eval_every=eval_every,
                                                dense_tolerance=dense_tolerance))
 
+    spent = {"evaluate": 0.0, "checkpoint": 0.0}
+
     def evaluate(step, lora_now):
         """Eval loss of the adapters, or None when they break the dense guard."""
+        t0 = time.perf_counter()
         merged = merged_params(cfg, lora_cfg, base, lora_now)
         per_rate = eval_nll_per_rate(cfg, merged, eval_w, stacked, batch_size=eval_batch_size)
         entry = {"step": step, "eval_loss": float(per_rate.mean()), "per_rate": per_rate.tolist()}
         if history["evals"] and dense_tolerance is not None:
             entry["dense_ok"] = bool(per_rate[0] <= history["evals"][0]["per_rate"][0] + math.log1p(dense_tolerance))
         history["evals"].append(entry)
+        spent["evaluate"] += time.perf_counter() - t0
         return entry["eval_loss"] if entry.get("dense_ok", True) else None
 
     ckpts = _Checkpoints(ckpt_dir) if ckpt_dir is not None else None
@@ -499,8 +518,10 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
 
     def checkpoint(step):
         if ckpts is not None:
+            t0 = time.perf_counter()
             ckpts.save(step, {"state": state, "best_lora": best_lora},
                        {"step": step, "history": history, "fingerprint": fingerprint})
+            spent["checkpoint"] += time.perf_counter() - t0
 
     bar = range(start, steps)
     if progress:
@@ -539,7 +560,10 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         ckpts.close()
     if n_timed:  # train steps only: compilation, evaluations and checkpoints excluded
         history["tokens_per_s"] = n_timed * per_step * seq_len / max(step_s, 1e-9)
-    history["timings_s"] = {"total": round(time.perf_counter() - t_start, 3), "first_step": t_first}
+    history["timings_s"] = {"total": round(time.perf_counter() - t_start, 3), "first_step": t_first,
+                            "steps": round(step_s, 3), **{k: round(v, 3) for k, v in spent.items()}}
+    log.info("masked LoRA: %d steps in %.1f s (first step %.1f s, evaluations %.1f s, checkpoints %.1f s)",
+             steps - start, history["timings_s"]["total"], t_first or 0.0, spent["evaluate"], spent["checkpoint"])
     history["config"] = {"lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
                           "eval_every": eval_every, "eval_windows": int(eval_w.shape[0]),
                           "train_windows": int(train_w.shape[0]), "resumed_from": start}
