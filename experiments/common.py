@@ -120,8 +120,7 @@ class Timer:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        self.log(f"[{name}] ...")
-        start = time.perf_counter()
+        start = time.perf_counter()  # logged when done: a failing first stage prints only its error
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
         self.log(f"[{name}] done in {self.timings[name]:.1f} s")
