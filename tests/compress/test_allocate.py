@@ -1,11 +1,13 @@
 """Stage 2 allocation: the block-influence rule, rounding steps, tables usable by prune."""
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from compress_models import sorted_model, tokens
+from compress_models import sorted_model, tiny_config, tokens
 
 from uniql_jax.compress import allocate as A
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
@@ -43,6 +45,7 @@ def test_round_kept_and_default_steps():
     assert small["width"] == 4 and small["qk_pairs"] == 1
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def residual_stream(cfg, params, toks):
     """x before every block and after the last, through the bound model, [n_blocks + 1, B, T, D]."""
     model = bind(cfg, params)
@@ -52,27 +55,31 @@ def residual_stream(cfg, params, toks):
     for block in model.blocks:
         x = x + block(x, pos, None, None, "xla")[0]
         xs.append(x)
-    return np.stack([np.asarray(a) for a in xs])
+    return jnp.stack(xs)
 
 
-@pytest.mark.parametrize("arch", ["nemotron_h", "llama"])  # one block per layer; layers of 2 blocks
-def test_block_influence_matches_the_residual_stream(arch):
-    cfg, params, _, calib = sorted_model(arch)
+def test_block_influence_matches_the_residual_stream():
+    cfg, params, _, calib = sorted_model("llama")  # decoder layers of two blocks
     scores = A.block_influence(cfg, params, calib, batch_size=4)
-    xs = residual_stream(cfg, params, jnp.asarray(calib))[:, :, -1]  # last token
+    xs = np.asarray(residual_stream(cfg, params, jnp.asarray(calib)))[:, :, -1]  # last token
     groups = A.layer_groups(cfg)
-    assert len(scores) == len(groups) == cfg.num_layers
+    assert len(scores) == len(groups) == cfg.num_layers == 2 and groups == [[0, 1], [2, 3]]
     for s, g in zip(scores, groups):
         a, b = xs[g[0]], xs[g[-1] + 1]
         cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
         assert np.isclose(s, 1 - cos.mean(), atol=1e-5)
-    if arch == "nemotron_h":
-        assert list(A.layer_weights(cfg)) == [1.0, 1.0, 2.0, 1.0]
+
+
+def test_nemotron_h_weighs_its_mlp_layers_twice():
+    cfg = tiny_config("nemotron_h")  # one block per decoder layer
+    assert A.layer_groups(cfg) == [[0], [1], [2], [3]]
+    assert list(A.layer_weights(cfg)) == [1.0, 1.0, 2.0, 1.0]
+    assert list(A.layer_weights(tiny_config("bamba"))) == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("method", ["block_influence", "uniform"])
 def test_tables_shrink_with_the_rate(method):
-    cfg, _, params, calib = sorted_model("nemotron_h")
+    cfg, _, params, calib = sorted_model("llama")
     rates = [0.0, 0.1, 0.2, 0.3]
     table = A.allocate(cfg, params, calib, rates, method=method, steps={"width": 4})
     assert sorted(table) == rates and table[0.0] == cfg.blocks

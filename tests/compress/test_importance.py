@@ -43,7 +43,7 @@ def check_uniql_wins(cfg, params, tok, shared_data, rates, n_calib, seq_len, n_d
 
 def test_uniql_order_beats_baselines_on_stories260k_at_25_percent(shared_data):
     cfg, params, tok = stories260k(shared_data)
-    check_uniql_wins(cfg, params, tok, shared_data, [0.25], n_calib=8, seq_len=128, n_docs=30)
+    check_uniql_wins(cfg, params, tok, shared_data, [0.25], n_calib=8, seq_len=128, n_docs=20)
 
 
 @pytest.mark.slow

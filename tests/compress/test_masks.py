@@ -15,7 +15,7 @@ from uniql_jax.compress.allocate import allocate
 from uniql_jax.eval import window_nll
 from uniql_jax.models.stacks import bind
 
-RATES = [0.15, 0.25, 0.35]
+RATES = [0.15, 0.35]
 
 
 def odd_blocks(cfg):
@@ -66,7 +66,7 @@ def test_q_k_masks_keep_the_same_pairs_of_both_halves():
 
 
 def test_mask_table_selects_rates_under_jit():
-    cfg, _, params, calib = sorted_model("nemotron_h")
+    cfg, _, params, calib = sorted_model("llama")
     table = allocate(cfg, params, calib, RATES, method="uniform")
     rates, stacked = M.mask_table(cfg, table)
     assert np.allclose(np.asarray(rates), RATES)

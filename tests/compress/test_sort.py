@@ -12,7 +12,7 @@ from uniql_jax.compress.allocate import allocate
 from uniql_jax.compress.sort import SORTERS, baseline_order, sort
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES + ("llama_mha",))
+@pytest.mark.parametrize("arch", ARCH_NAMES + (pytest.param("llama_mha", marks=pytest.mark.slow),))
 def test_sorted_model_computes_the_same_function(arch):
     cfg, params, params_sorted, _ = sorted_model(arch)
     toks = jnp.asarray(tokens(2, 20, seed=7))  # not the calibration windows
