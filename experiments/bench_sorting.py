@@ -122,21 +122,30 @@ def modegpt(args) -> dict:
             W_sorted = W[order]  # the down_proj rows (gate/up columns follow the same order)
             uniql_runs.append((time.perf_counter() - t0, time.process_time() - c0))
         t_uniql, cpu_uniql = min(uniql_runs)
-        t_rebuild, cpu_rebuild, err_uniql, err_modegpt = [], [], [], []
-        for r in rates:
+        t_rebuild, cpu_rebuild, err_uniql, err_modegpt, measured = [], [], [], [], []
+        for i, r in enumerate(rates):
             k = int(round((1 - r) * F))
             kept = order[:k]
+            err_uniql.append(output_error(C, W, kept, W_sorted[:k]))
+            if F > args.max_measured_width and 0 < i < len(rates) - 1:
+                t_rebuild.append(None), cpu_rebuild.append(None), err_modegpt.append(None), measured.append(False)
+                continue  # large widths: only the extreme rates are rebuilt, the rest extrapolated below
             t1, c1 = time.perf_counter(), time.process_time()
             W_new = modegpt_rebuild(C, W, kept)
             t_rebuild.append(time.perf_counter() - t1)
             cpu_rebuild.append(time.process_time() - c1)
             err_modegpt.append(output_error(C, W, kept, W_new))
-            err_uniql.append(output_error(C, W, kept, W_sorted[:k]))
+            measured.append(True)
+        # unmeasured rates: the rebuild is dominated by the k x k FP64 eigendecomposition, t = c k^3
+        ks = np.array([round((1 - r) * F) for r in rates], np.float64)
+        for times in (t_rebuild, cpu_rebuild):
+            c = np.mean([t / k ** 3 for t, k, m in zip(times, ks, measured) if m])
+            times[:] = [t if m else float(c * k ** 3) for t, k, m in zip(times, ks, measured)]
         # MoDeGPT scores channels the same way, then rebuilds down_proj for every rate
         t_modegpt, cpu_modegpt = t_uniql + sum(t_rebuild), cpu_uniql + sum(cpu_rebuild)
         row = {"width": F, "hidden": D, "uniql_s": t_uniql, "modegpt_s": t_modegpt, "ratio": t_modegpt / t_uniql,
                "uniql_cpu_s": cpu_uniql, "modegpt_cpu_s": cpu_modegpt, "ratio_cpu": cpu_modegpt / cpu_uniql,
-               "modegpt_rebuild_s": t_rebuild, "rates": rates, "output_error_uniql": err_uniql,
+               "modegpt_rebuild_s": t_rebuild, "rebuild_measured": measured, "rates": rates, "output_error_uniql": err_uniql,
                "output_error_modegpt": err_modegpt}
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("width", "uniql_s", "modegpt_s", "ratio", "ratio_cpu")}), flush=True)
@@ -220,6 +229,8 @@ def main(argv=None):
     p.add_argument("--widths", default="1024,2048,4096,8192")
     p.add_argument("--rates", default=",".join(map(str, GRID)))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-measured-width", type=int, default=4096,
+                   help="above this width only the first and last rate are rebuilt; the others are extrapolated")
     p.add_argument("--out")
     p = sub.add_parser("layer8b")
     p.add_argument("--layers", type=int, default=2)
