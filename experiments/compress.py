@@ -80,6 +80,7 @@ def run(argv=None) -> Path:
     from uniql_jax.quant.quantize import allocation_steps
     from uniql_jax.compress.sort import sort
     from uniql_jax.eval import perplexity
+    from uniql_jax.finetune import finetune_stage
 
     timer = common.Timer(log.info)
     with timer.stage("convert"):
@@ -107,7 +108,10 @@ def run(argv=None) -> Path:
     if args.finetune_steps:
         report["rates_before_finetune"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("finetune"):
-            params = common.finetune_stage(args, cfg, params, table, tokenizer, calib_stream)
+            params, report["finetune"] = finetune_stage(
+                cfg, params, table, steps=args.finetune_steps, source=args.finetune_data,
+                tokens=None if args.finetune_data else calib_stream, tokenizer=tokenizer,
+                seq_len=args.seq_len, seed=args.seed)
     if args.quantizer != "none":
         report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("quantize"):
