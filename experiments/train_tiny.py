@@ -51,7 +51,7 @@ PROMPT = "Once upon a time"
 # followed by its MLP).
 PRESETS = {
     "llama": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=False),
-    "qwen2": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=32, mlp=384, tie=False),
+    "qwen2": dict(hidden=128, layers=4, heads=8, kv_heads=4, head_dim=16, mlp=384, tie=False),
     "mamba2": dict(hidden=128, layers=8, ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=True),
     "nemotron_h": dict(hidden=128, pattern="M-M*-M-M-", heads=8, kv_heads=4, head_dim=16, mlp=384,
                        ssm_heads=8, ssm_head_dim=32, d_state=32, groups=1, tie=False),
