@@ -37,6 +37,7 @@ def build_parser():
     p.add_argument("--keep-embeddings-16bit", action="store_true", help="do not quantize embeddings and lm_head")
     p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (default 0: no fine-tuning)")
     p.add_argument("--finetune-data", help="text or JSON-lines (Alpaca) file for fine-tuning (default: calibration text)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the LoRA adapters (default 1e-3)")
     p.add_argument("--calib", help="calibration text file or dataset id (default: the TinyStories training part)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window (default 256)")
@@ -63,6 +64,8 @@ def check_args(args):
             raise common.UsageError(f"--{name.replace('_', '-')} must be at least 2")
     if args.finetune_steps < 0:
         raise common.UsageError("--finetune-steps must be >= 0")
+    if not args.finetune_lr > 0:
+        raise common.UsageError(f"--finetune-lr must be positive, got {args.finetune_lr:g}")
     out = Path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
@@ -111,7 +114,7 @@ def run(argv=None) -> Path:
             params, report["finetune"] = finetune_stage(
                 cfg, params, table, steps=args.finetune_steps, source=args.finetune_data,
                 tokens=None if args.finetune_data else calib_stream, tokenizer=tokenizer,
-                seq_len=args.seq_len, seed=args.seed)
+                seq_len=args.seq_len, seed=args.seed, lr=args.finetune_lr)
     if args.quantizer != "none":
         report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("quantize"):
@@ -137,8 +140,10 @@ def print_table(report):
     base = report["baseline"]
     print(f"\n{'rate':>6} {'ppl':>10} {'params':>10} {'MB':>8}   (baseline: ppl {base['ppl']:.4f}, "
           f"{base['param_bytes'] / 1e6:.2f} MB at 16 bits)")
+    before = {r["rate"]: r["ppl"] for r in report.get("rates_before_finetune", [])}
     for row in report["rates"]:
-        print(f"{row['rate']:>6.2f} {row['ppl']:>10.4f} {row['params']:>10d} {row['param_bytes'] / 1e6:>8.3f}")
+        extra = f"   (before fine-tuning, 16-bit: {before[row['rate']]:.4f})" if row["rate"] in before else ""
+        print(f"{row['rate']:>6.2f} {row['ppl']:>10.4f} {row['params']:>10d} {row['param_bytes'] / 1e6:>8.3f}{extra}")
 
 
 def main(argv=None):
