@@ -155,20 +155,27 @@ def bench_variant(cfg, params, prompt, new_tokens, impl):
             "tokens_per_s": 1.0 / per_token, "peak_bytes": peak_memory()}
 
 
-def run(argv=None):
+def build_parser():
     import uniql_jax as uq
 
     p = common.Parser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", required=True, choices=uq.ARCHS)
-    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape (default tiny)")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--arch", required=True, choices=uq.ARCHS, help="model family (block layout of --shape)")
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
+                   help="model shape, random weights (default tiny; the others are real 7-8 B shapes)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens of the prefill (default 1024)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens decoded after the prompt, >= 2 (default 256)")
     p.add_argument("--rates", default="0,0.15,0.25,0.35", help="W4 pruning rates (default 0,0.15,0.25,0.35)")
     p.add_argument("--impls", default="xla,pallas", help="comma-separated: xla, pallas (default both)")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=128, help="W4 quantization group size (default 128)")
     p.add_argument("--probe-mb", type=int, default=1024, help="size of the bandwidth probe copy (default 1024 MB)")
     p.add_argument("--out", help="JSON path (default benchmarks/<device>-decode.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv=None):
+    import uniql_jax as uq
+
+    args = build_parser().parse_args(argv)
     rates = common.parse_rates(args.rates)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if not impls or any(i not in ("xla", "pallas") for i in impls):

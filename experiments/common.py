@@ -94,7 +94,12 @@ def load_model(arch: str, model: str | None):
 
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool):
-    """Write into a hidden sibling folder, rename it into place only on success."""
+    """Write into a hidden sibling folder, rename it into place only on success.
+
+    An existing `out` (with `overwrite`) is renamed aside, the new folder renamed in,
+    and only then is the old one deleted: `out` never holds a partly deleted or partly
+    written folder (between the two renames it is briefly absent).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
@@ -108,8 +113,13 @@ def staged_output(out: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 class Timer:

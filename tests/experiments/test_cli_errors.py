@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,125 @@ def test_unreadable_eval_data(tmp_path):
                    "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "none.txt")
     assert not (tmp_path / "o").exists()
+
+
+def assert_no_hidden_siblings(folder):
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+
+
+def test_arch_mismatch(tmp_path):
+    proc = run_cli("experiments.compress", "--arch", "mamba2", "--model", "experiments/defaults/llama",
+                   "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "llama checkpoint, not mamba2")
+    assert not (tmp_path / "o").exists()
+    assert_no_hidden_siblings(tmp_path)
+
+
+def test_failed_run_with_overwrite_keeps_the_old_output(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    proc = run_cli("experiments.compress", "--arch", "llama", "--overwrite", "--eval", str(tmp_path / "none.txt"),
+                   "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "none.txt")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    assert_no_hidden_siblings(tmp_path)
+
+
+# --- the output folder: replaced only by a complete new one (the success path of --overwrite runs in
+# test_e2e_defaults.py, which compresses into a folder holding a stale file)
+
+
+def test_staged_output_failure_keeps_the_old_folder(tmp_path):
+    from experiments.common import staged_output
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with staged_output(tmp_path / "o", overwrite=True) as tmp:
+            (tmp / "half.txt").write_text("half-written")
+            assert not (tmp_path / "o" / "half.txt").exists()  # nothing lands in --out while writing
+            raise RuntimeError("stage failed")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+    assert_no_hidden_siblings(tmp_path)
+
+
+def test_staged_output_replaces_the_whole_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from experiments import common
+
+    (tmp_path / "o" / "sub").mkdir(parents=True)
+    (tmp_path / "o" / "sub" / "old.txt").write_text("old")
+    seen = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *a, **kw):  # whenever the old folder is deleted, --out is already the complete new one
+        if Path(path).exists() and ".replaced-" in str(path):
+            seen.append(sorted(p.name for p in (tmp_path / "o").iterdir()))
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(common.shutil, "rmtree", rmtree)
+    with common.staged_output(tmp_path / "o", overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["new.txt"]
+    assert seen == [["new.txt"]]  # the old folder was set aside whole, then deleted
+    assert_no_hidden_siblings(tmp_path)
+
+
+# --- evaluate / generate on a damaged or mismatched checkpoint (tiny_run: tests/experiments/conftest.py)
+
+
+def damaged_copy(tiny_run, tmp_path, damage):
+    import shutil
+
+    from tests.test_checkpoint import largest_data_file
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    victim = largest_data_file(run / "checkpoint")
+    raw = bytearray(victim.read_bytes())
+    victim.write_bytes(damage(raw))
+    return run
+
+
+def listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+
+def test_evaluate_truncated_checkpoint(tiny_run, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path, lambda raw: bytes(raw[: len(raw) // 2]))
+    before = listing(run)
+    proc = run_cli("experiments.evaluate", "--ckpt", str(run))
+    assert_one_line_error(proc, "truncated")
+    assert listing(run) == before
+
+
+def test_generate_corrupted_checkpoint(tiny_run, tmp_path):
+    def flip(raw):
+        for i in range(len(raw) // 3, len(raw) // 3 + 64):
+            raw[i] ^= 0xFF
+        return bytes(raw)
+
+    run = damaged_copy(tiny_run, tmp_path, flip)
+    proc = run_cli("experiments.generate", "--ckpt", str(run), "--rate", "0.25", "--prompt", "Once")
+    assert_one_line_error(proc, "corrupted")
+
+
+def test_evaluate_a_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "nockpt").mkdir()
+    proc = run_cli("experiments.evaluate", "--ckpt", str(tmp_path / "nockpt"))
+    assert_one_line_error(proc, "not a uniql-jax checkpoint")
+    assert list((tmp_path / "nockpt").iterdir()) == []
+
+
+def test_evaluate_rate_out_of_range(tiny_run):
+    before = listing(tiny_run)
+    proc = run_cli("experiments.evaluate", "--ckpt", str(tiny_run), "--rates", "0,0.5")
+    assert_one_line_error(proc, "rate 0.5 is outside [0, 0.35]")
+    assert listing(tiny_run) == before
+
+
+def test_generate_rate_not_in_table_names_the_nearest(tiny_run):
+    proc = run_cli("experiments.generate", "--ckpt", str(tiny_run), "--rate", "0.32", "--prompt", "Once")
+    assert_one_line_error(proc, "rate 0.32 is not stored", "stored: 0, 0.15, 0.25, 0.35", "(0.35)")
