@@ -365,3 +365,52 @@ def test_finetuning_stories260k_lowers_held_out_perplexity_when_pruned(shared_da
     ppl = {r: [perplexity(*prune(cfg, p, r, table), held, seq_len=64, progress=False) for p in (params, merged)] for r in (0.0, 0.35)}
     assert ppl[0.35][1] < 0.9 * ppl[0.35][0], ppl
     assert ppl[0.0][1] <= 1.01 * ppl[0.0][0], ppl
+
+
+# ----------------------------------------------------------------------------- the CLI stage
+
+
+@pytest.mark.slow
+def test_compress_finetune_steps_merges_low_rank_updates_into_the_saved_checkpoint(tmp_path, shared_data):
+    """`experiments.compress --finetune-steps N --finetune-data FILE`: the grid before fine-tuning is
+    the grid of the same run without it, and the saved weights differ from that run's by merged
+    LoRA updates (rank <= r on every adapted linear, untouched elsewhere)."""
+    from experiments import compress
+    from uniql_jax import data
+
+    docs = data.load_documents(shared_data / "tinystories" / "tinystories_valid_900.txt")
+    (tmp_path / "calib.txt").write_text("\n\n".join(docs[:40]))
+    (tmp_path / "eval.txt").write_text("\n\n".join(docs[-6:]))
+    # four stories repeated: the held-out tail of the file (its last 10 %) is text the adapters train
+    # on, so a few steps surely lower its loss and the best adapters are not the initial (zero) ones
+    (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[40:44] * 10))
+    common = ["--arch", "llama", "--quantizer", "none", "--rates", "0,0.25", "--seq-len", "32", "--calib-samples", "4",
+              "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt")]
+    plain = compress.run(common + ["--out", str(tmp_path / "plain")])
+    tuned = compress.run(common + ["--out", str(tmp_path / "tuned"), "--finetune-steps", "6",
+                                   "--finetune-data", str(tmp_path / "ft.jsonl"), "--finetune-lr", "5e-3"])
+    plain_report, tuned_report = (json.loads((d / "report.json").read_text()) for d in (plain, tuned))
+    assert tuned_report["rates_before_finetune"] == plain_report["rates"]
+    assert tuned_report["finetune"]["source"] == str(tmp_path / "ft.jsonl")
+    assert tuned_report["finetune"]["best_step"] > 0, tuned_report["finetune"]["evals"]
+    assert [r["ppl"] for r in tuned_report["rates"]] != [r["ppl"] for r in plain_report["rates"]]
+
+    _, before = uq.load(plain / "checkpoint")
+    _, after = uq.load(tuned / "checkpoint")
+    changed = 0
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)):
+        delta = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+        if not delta.any():
+            continue
+        changed += 1
+        name = jax.tree_util.keystr(path)
+        assert a.ndim >= 2, f"{name}: a non-matrix parameter changed"
+        # a merged update W + B A has rank <= r (8) over (input axes) x (output axes) for one split of
+        # the axes; the float32 rounding of W + B A leaves singular values far below the update's
+        for split in range(1, delta.ndim):
+            sv = np.linalg.svd(delta.reshape(int(np.prod(delta.shape[:split])), -1), compute_uv=False)
+            if len(sv) > 8 and sv[8] <= 1e-3 * sv[0]:
+                break
+        else:
+            raise AssertionError(f"{name}: the update is not low-rank under any input/output split")
+    assert changed >= 7 * 4, changed  # q, k, v, o, gate, up, down in each of the 4 layers
