@@ -285,6 +285,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['fp16_0'] / div:.3f} {unit} | {r[f'fp16_{pct}'] / div:.3f} {unit} | "
                      f"{r['w4_0'] / div:.3f} {unit} | {r[f'w4_{pct}'] / div:.3f} {unit} | "
                      f"{r['ratio_w4_0']:.2f}x | {r[f'ratio_w4_{pct}']:.2f}x |")
+    paper = result["llama_3_1_8b"]["paper_gb"]
+    lines.append(f"| Llama-3.1-8B, paper (35 %) | {paper['fp16']} GB | | {paper['w4_0']} GB | {paper['w4_35']} GB | "
+                 f"{paper['fp16'] / paper['w4_0']:.1f}x | {paper['fp16'] / paper['w4_35']:.1f}x |")
     return "\n".join(lines)
 
 
