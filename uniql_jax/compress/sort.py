@@ -91,10 +91,11 @@ def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *,
     all pruned with the same allocation table (computed once: the block influence does not
     depend on channel order, since every order computes the same function).
 
-    Returns {"rates": [...], "dense_ppl": float, "table": {...}, "ppl": {"uniql": [...], kind: [...]},
+    Returns {"rates": [...], "dense_ppl": float, "dense_params": int, "params": [pruned parameter count
+    per rate, the same for every order], "table": {...}, "ppl": {"uniql": [...], kind: [...]},
     "timings_s": {...}}.
     """
-    from uniql_jax.compress.allocate import allocate, evaluate_rates
+    from uniql_jax.compress.allocate import allocate, evaluate_rates, param_count
     from uniql_jax.eval import perplexity
 
     rates = [float(r) for r in rates]
@@ -105,8 +106,9 @@ def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *,
     t2 = time.perf_counter()
     for kind in baselines:
         ordered[kind] = baseline_order(cfg, params, kind, seed)[1]
-    ppl = {name: [row["ppl"] for row in evaluate_rates(cfg, p, table, eval_tokens, seq_len=seq_len)]
-           for name, p in ordered.items()}
+    rows = {name: evaluate_rates(cfg, p, table, eval_tokens, seq_len=seq_len) for name, p in ordered.items()}
+    ppl = {name: [row["ppl"] for row in r] for name, r in rows.items()}
     return {"rates": rates, "dense_ppl": perplexity(cfg, params, eval_tokens, seq_len=seq_len),
+            "dense_params": param_count(cfg), "params": [row["params"] for row in rows["uniql"]],
             "table": table, "ppl": ppl,
             "timings_s": {"allocate": t1 - t0, "sort": t2 - t1, "evaluate": time.perf_counter() - t2}}
