@@ -126,18 +126,19 @@ def bench_model(name, arch, source, args) -> dict:
     out = {"name": name, "arch": arch, "source": source, "params": param_count(cfg),
            "eval_tokens": int(len(eval_tokens)), "fp_ppl": ppl(cfg, params), "dense": [], "uniql": [], "nested": []}
     log.info("%s: %d params, fp ppl %.4f", name, out["params"], out["fp_ppl"])
-    qkw = dict(group_size=args.group_size, progress=False)
     uq_kw = dict(steps=args.steps, windows_per_step=args.windows_per_step, head_steps=args.head_steps)
 
-    def quantize(cfg, params, method, bits, table):
+    def quantize(cfg, params, spec, bits, table):
+        """spec: a method name, or "name@g" for another requested group size (e.g. gptq@32: storage near BCQ's)."""
         t0 = time.perf_counter()
-        extra = uq_kw if method == "uniquan" else {}
+        method, _, group = spec.partition("@")
+        kw = dict(group_size=int(group) if group else args.group_size, progress=False)
         if method == "uniquan":
             from uniql_jax.quant import uniquan_driver
 
-            q = uniquan_driver.quantize(cfg, params, calib, bits=bits, table=table, **qkw, **extra)
+            q = uniquan_driver.quantize(cfg, params, calib, bits=bits, table=table, **kw, **uq_kw)
         else:
-            q = uq.quantize(cfg, params, calib, method=method, bits=bits, table=table, **qkw)
+            q = uq.quantize(cfg, params, calib, method=method, bits=bits, table=table, **kw)
         jax.block_until_ready(q)
         return q, time.perf_counter() - t0
 
@@ -194,6 +195,13 @@ def bench_model(name, arch, source, args) -> dict:
     return out
 
 
+def methods_in(model: dict) -> list[str]:
+    """Method specs of a model's rows: rtn, gptq, gptq@g..., uniquan (base order, then group)."""
+    specs = {r["method"] for r in model["uniql"] + model["dense"]}
+    order = lambda s: (METHODS.index(s.partition("@")[0]), int(s.partition("@")[2] or 0))  # noqa: E731
+    return sorted(specs, key=order)
+
+
 def markdown(result: dict) -> str:
     """The comparison tables of a result (one section per model)."""
     s = result["settings"]
@@ -215,7 +223,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| 16-bit | 16 | {m['fp_ppl']:.3f} | {fp} | - | 16 | 16 |")
         bits_list = sorted({r["bits"] for r in m["uniql"]}, reverse=True)
         for bits in bits_list:
-            for method in METHODS:
+            for method in methods_in(m):
                 rows = [r for r in m["uniql"] if r["bits"] == bits and r["method"] == method]
                 if not rows:
                     continue
@@ -255,7 +263,10 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(prog="python -m experiments.bench_quantizers", description=__doc__.split("\n")[0])
     p.add_argument("--models", help="comma-separated names (default: all of " + ", ".join(available_models()) + ")")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="rtn, gptq, uniquan; name@G requests group G (e.g. gptq@32: about BCQ's storage at g=128)")
+    p.add_argument("--append", action="store_true",
+                   help="add these methods' rows to the models already in --out (same data, same table)")
     p.add_argument("--bits", default="3,4")
     p.add_argument("--rates", default="0,0.15,0.25", help="rates evaluated")
     p.add_argument("--table-rates", default=DEFAULT_RATES, help="rates stored in the table (fix the group sizes)")
@@ -273,6 +284,10 @@ def parse_args(argv=None):
                    help="persistent compilation cache (blocks of equal shapes compile once); '' to disable")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    for spec in args.methods:
+        method, at, group = spec.partition("@")
+        if method not in METHODS or (at and not (group.isdigit() and int(group) >= 8 and int(group) % 8 == 0)):
+            raise common.UsageError(f"--methods: {spec!r} is not one of {METHODS}, optionally @G (G a multiple of 8)")
     args.bits = [int(b) for b in args.bits.split(",")]
     args.rates = common.parse_rates(args.rates)
     args.table_rates = sorted(set(common.parse_rates(args.table_rates)) | set(args.rates))
@@ -301,8 +316,17 @@ def run(argv=None) -> dict:
               "models": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append:
+        result = json.loads(out.read_text())
+        result.setdefault("appended", []).append(settings)
     for name in names:
-        result["models"].append(bench_model(name, *models[name], args))
+        new = bench_model(name, *models[name], args)
+        old = next((m for m in result["models"] if m["name"] == name), None)
+        if old is None:
+            result["models"].append(new)
+        else:  # rows of the methods run now replace their earlier rows (a re-run never duplicates)
+            for key in ("dense", "uniql", "nested"):
+                old[key] = [r for r in old[key] if r["method"] not in args.methods] + new[key]
         out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive a long run
         out.with_suffix(".md").write_text(markdown(result))
     log.info("wrote %s and %s", out, out.with_suffix(".md"))

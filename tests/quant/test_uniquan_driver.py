@@ -7,6 +7,8 @@ k'-plane model keeps the first planes bit for bit and its refit scales beat trun
 each reconstructed block has a smaller output error than round-to-nearest at 3 bits.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +200,29 @@ def test_mamba2_out_proj_is_quantized_along_its_head_channels():
     out = q["blocks"][0]["out"]
     assert bcq.is_bcq(out) and out.axis == 1 and out.group_size == 8
     assert bool(jnp.all(jnp.isfinite(uq.forward(cfg, q, jnp.asarray(calib)))))
+
+
+@pytest.mark.slow
+def test_compress_cli_with_uniquan_reloads_at_a_rate_with_the_reported_perplexity(tmp_path, monkeypatch):
+    """experiments.compress --quantizer uniquan end to end on the embedded Llama default: the
+    checkpoint holds BCQ weights, and uq.load(path, rate) gives the perplexity the report states."""
+    import functools
+
+    from experiments import common, compress
+    from uniql_jax.eval import perplexity
+
+    monkeypatch.setattr(ud, "quantize", functools.partial(ud.quantize, steps=4))  # the pipeline, not the training
+    text = common.TINYSTORIES.read_text()
+    (tmp_path / "eval.txt").write_text(text[-6000:])  # a few held-out stories: a cheap evaluation
+    out = compress.run(["--arch", "llama", "--quantizer", "uniquan", "--bits", "3", "--rates", "0,0.15,0.25",
+                        "--calib-samples", "4", "--seq-len", "64", "--eval", str(tmp_path / "eval.txt"),
+                        "--out", str(tmp_path / "run")])
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantizer"] == "uniquan" and [r["rate"] for r in report["rates"]] == [0.0, 0.15, 0.25]
+    tokens = common.token_source(str(tmp_path / "eval.txt"), common.load_saved_tokenizer(out), "all")
+    for row in report["rates"][1:2]:
+        cfg_r, params_r = uq.load(out / "checkpoint", rate=row["rate"])
+        packed = [v for b in params_r["blocks"] for v in b.values() if bcq.is_bcq(v)]
+        assert packed and all(w.bits == 3 for w in packed) and bcq.is_bcq(params_r["lm_head"])
+        assert perplexity(cfg_r, params_r, tokens, seq_len=64, batch_size=4) == pytest.approx(row["ppl"], rel=1e-6)
+    assert report["rates"][1]["params"] < report["rates"][0]["params"]
