@@ -14,6 +14,11 @@ modegpt: UniQL's MLP sorting (one float32 ridge-leverage solve, then slicing) ag
     at each rate (what the reconstruction buys).
 layer8b: stage-1 time and peak memory per decoder layer at Llama-3.1-8B shapes (D 4096, 32 query /
     8 kv heads of 128, MLP 14336; random weights), a few layers, extrapolated to 32 layers.
+
+Output: benchmarks/<platform>-sorting-<command>.json (--out to change). tests/compress/test_importance.py
+runs `importance_row`, the same comparison, on a smaller budget. On a shared, oversubscribed CPU run
+the timings with OPENBLAS_NUM_THREADS=1: threaded OpenBLAS then spends most of its time waiting (a
+1024-wide Cholesky measured 10x slower with 2 threads at a load average of 15); the JSON records it.
 """
 
 from __future__ import annotations
@@ -164,7 +169,8 @@ def modegpt(args) -> dict:
         t_modegpt, cpu_modegpt = t_uniql + sum(t_rebuild), cpu_uniql + sum(cpu_rebuild)
         row = {"width": F, "hidden": D, "uniql_s": t_uniql, "modegpt_s": t_modegpt, "ratio": t_modegpt / t_uniql,
                "uniql_cpu_s": cpu_uniql, "modegpt_cpu_s": cpu_modegpt, "ratio_cpu": cpu_modegpt / cpu_uniql,
-               "modegpt_rebuild_s": t_rebuild, "rebuild_measured": measured, "rates": rates, "output_error_uniql": err_uniql,
+               "modegpt_rebuild_s": t_rebuild, "rebuild_measured": measured, "rates": rates,
+               "output_error_uniql": err_uniql,
                "output_error_modegpt": err_modegpt}
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("width", "uniql_s", "modegpt_s", "ratio", "ratio_cpu")}), flush=True)
@@ -193,7 +199,7 @@ def layer8b(args) -> dict:
     from uniql_jax.models.stacks import init_params
 
     cfg = llama8b_config(args.layers)
-    params = jax.tree.map(lambda a: a * 1.0, init_params(cfg, 0))  # std 0.02 weights, unit norms
+    params = init_params(cfg, 0)  # std 0.02 weights, unit norms (int32 RoPE pair indices kept as they are)
     calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.windows, args.seq_len)).astype(np.int32)
     per_block = []
 
@@ -241,7 +247,8 @@ def main(argv=None):
     p.add_argument("--rates", default="0.15,0.25,0.35")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=None, help="score only the first N held-out tokens (default: all)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="score only the first N held-out tokens (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
     p = sub.add_parser("modegpt")
