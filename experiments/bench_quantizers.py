@@ -16,7 +16,7 @@ the training part, as ``experiments.compress`` does. Storage bits per weight are
 from the arrays (``bcq.bits_per_weight``, ``qarray.deployed_bytes``).
 
     python -m experiments.bench_quantizers [--models default-llama,stories260K] [--bits 3,4]
-        [--steps 200] [--out benchmarks/quantizers-cpu.json]
+        [--steps 200] [--out benchmarks/cpu-quantizers.json]
 
 Writes the JSON and a markdown table beside it (same name, ``.md``).
 """
@@ -127,6 +127,7 @@ def bench_model(name, arch, source, args) -> dict:
            "eval_tokens": int(len(eval_tokens)), "fp_ppl": ppl(cfg, params), "dense": [], "uniql": [], "nested": []}
     log.info("%s: %d params, fp ppl %.4f", name, out["params"], out["fp_ppl"])
     uq_kw = dict(steps=args.steps, windows_per_step=args.windows_per_step, head_steps=args.head_steps)
+    trained = lambda method: {"steps": args.steps} if method.partition("@")[0] == "uniquan" else {}  # noqa: E731
 
     def quantize(cfg, params, spec, bits, table):
         """spec: a method name, or "name@g" for another requested group size (e.g. gptq@32: storage near BCQ's)."""
@@ -147,7 +148,7 @@ def bench_model(name, arch, source, args) -> dict:
             for method in args.methods:
                 q, secs = quantize(cfg, params, method, bits, None)
                 row = {"method": method, "bits": bits, "ppl": ppl(cfg, q), "quantize_s": round(secs, 1),
-                       **storage(cfg, q)}
+                       **trained(method), **storage(cfg, q)}
                 out["dense"].append(row)
                 log.info("%s dense %s %d-bit: ppl %.4f (%.1f s)", name, method, bits, row["ppl"], secs)
 
@@ -167,9 +168,15 @@ def bench_model(name, arch, source, args) -> dict:
             for rate in args.rates:
                 c, p = uq.prune(cfg_s, q, rate, table)
                 row = {"method": method, "bits": bits, "rate": rate, "ppl": ppl(c, p), "quantize_s": round(secs, 1),
-                       **storage(c, p)}
+                       **trained(method), **storage(c, p)}
                 out["uniql"].append(row)
                 log.info("%s uniql %s %d-bit rate %.2f: ppl %.4f", name, method, bits, rate, row["ppl"])
+
+    for bits in args.bits:  # the Llama-3.1-8B BCQ bytes rest on this: UniQuan's layout is the uniform one as planes
+        if ("uniquan", bits) in quantized and ("gptq", bits) in quantized:
+            shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: t))  # noqa: E731
+            if shapes(quantized["uniquan", bits]) != shapes(jax.eval_shape(to_bcq_planes, quantized["gptq", bits])):
+                raise RuntimeError(f"{name}: the UniQuan layout differs from the GPTQ layout read as BCQ planes")
 
     if args.nested:
         sources = [("uniquan", b, quantized.get(("uniquan", b))) for b in args.bits]
@@ -187,12 +194,39 @@ def bench_model(name, arch, source, args) -> dict:
                     for rate in args.rates:
                         c, p = uq.prune(cfg_s, n, rate, table)
                         row = {"method": method, "bits": bits, "planes": planes, "alpha": alpha, "rate": rate,
-                               "ppl": ppl(c, p), **storage(c, p)}
+                               "ppl": ppl(c, p), **trained(method), **storage(c, p)}
                         out["nested"].append(row)
                         log.info("%s nested %s %d->%d planes (%s) rate %.2f: ppl %.4f", name, method, bits, planes,
                                  alpha, rate, row["ppl"])
     out["wall_s"] = round(time.perf_counter() - t_model, 1)
     return out
+
+
+def llama_31_8b_storage(bits_list, table_rates) -> dict:
+    """Deployed bytes of Llama-3.1-8B's shape (abstract arrays, uniform allocation) as uniform
+    W-k (the layout ``uq.quantize`` gives it) and as BCQ-k with the same groups (the layout
+    UniQuan gives it: k planes, float16 alpha [G, k] and offset [G]), at 0 % and the largest rate."""
+    import jax
+
+    import uniql_jax as uq
+    from converters import hf
+    from experiments import bench_quantization as bq
+    from uniql_jax.compress.allocate import default_steps
+    from uniql_jax.quant import qarray
+    from uniql_jax.quant.quantize import allocation_steps
+
+    cfg = hf.config_from_hf(bq.LLAMA_31_8B, "Llama-3.1-8B config.json")
+    table = uq.allocate(cfg, None, None, table_rates, method="uniform",
+                        steps=allocation_steps(cfg, 128, default_steps(cfg)))
+    top = max(table_rates)
+    row = {"rate": top, "fp16_0": qarray.deployed_bytes(bq.abstract_params(cfg)), "formats": []}
+    for bits in sorted(bits_list, reverse=True):
+        uniform = bq.quantized_layout(cfg, table, bits=bits, group_size=128)
+        for name, tree in (("uniform", uniform), ("bcq", jax.eval_shape(to_bcq_planes, uniform))):
+            pruned = jax.eval_shape(lambda t: uq.prune(cfg, t, top, table)[1], tree)
+            row["formats"].append({"format": name, "bits": bits, "bytes_0": qarray.deployed_bytes(tree),
+                                   "bytes_top": qarray.deployed_bytes(pruned)})
+    return row
 
 
 def methods_in(model: dict) -> list[str]:
@@ -202,18 +236,31 @@ def methods_in(model: dict) -> list[str]:
     return sorted(specs, key=order)
 
 
+def uniquan_steps(result: dict) -> str:
+    """The reconstruction step counts of the UniQuan rows (rows of older runs lack them: the first run's)."""
+    steps = {r.get("steps", result["settings"]["steps"]) for m in result["models"]
+             for r in m["dense"] + m["uniql"] + m["nested"] if r["method"] == "uniquan"}
+    return " / ".join(map(str, sorted(steps))) or str(result["settings"]["steps"])
+
+
+MODEL_ORDER = ("llama", "qwen2", "mamba2", "nemotron_h", "bamba")
+
+
 def markdown(result: dict) -> str:
     """The comparison tables of a result (one section per model)."""
     s = result["settings"]
     lines = ["# Quantizers: RTN / GPTQ (uniform, symmetric) vs UniQuan (BCQ)\n",
              f"Device {result['device']}; calibration {s['calib_samples']} x {s['seq_len']} TinyStories train tokens; "
-             f"UniQuan {s['steps']} steps per block, {s['windows_per_step']} window(s) per step; requested group "
+             f"UniQuan {uniquan_steps(result)} steps per block, {s['windows_per_step']} window(s) per step; requested group "
              f"{s['group_size']} (reduced per weight so every stored rate slices whole groups). Perplexity on held-out "
              f"TinyStories (windows of {s['seq_len']}). Bits per weight measured from the arrays at rate 0: packed = "
              f"over the quantized linear weights; linear = over all linear weights (16-bit-kept ones at 16); model = "
              f"the whole deployed model incl. embeddings and norms (16-bit floats). Bold: best at that bit width "
              f"and rate.\n"]
-    for m in result["models"]:
+    order = lambda m: (m["name"].removeprefix("default-") not in MODEL_ORDER,  # noqa: E731
+                       MODEL_ORDER.index(m["name"].removeprefix("default-")) if m["name"].startswith("default-") else 0,
+                       m["name"])
+    for m in sorted(result["models"], key=order):
         rates = [r["rate"] for r in m["sorted_fp"]]
         lines.append(f"## {m['name']} ({m['arch']}, {m['params']:,} params, fp ppl {m['fp_ppl']:.3f})\n")
         head = "| method | bits | dense (unsorted) | " + " | ".join(f"UniQL {100 * r:.0f} %" for r in rates)
@@ -255,6 +302,15 @@ def markdown(result: dict) -> str:
                              + " | ".join(f"{rows[rate]['ppl']:.3f}" for rate in rates)
                              + f" | {rows[rates[0]]['bpw_packed']:.3f} |")
             lines.append("")
+    if "llama_3_1_8b" in result:
+        row = result["llama_3_1_8b"]
+        pct = f"{100 * row['rate']:.0f} %"
+        lines += ["## Llama-3.1-8B shape: deployed bytes (abstract arrays, uniform allocation)\n",
+                  f"| format | bits | 0 % | {pct} |", "|---|---|---|---|",
+                  f"| 16-bit | 16 | {row['fp16_0'] / 1e9:.3f} GB | |"]
+        lines += [f"| {f['format']} | {f['bits']} | {f['bytes_0'] / 1e9:.3f} GB | {f['bytes_top'] / 1e9:.3f} GB |"
+                  for f in row["formats"]]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-nested", dest="nested", action="store_false")
     p.add_argument("--skip-dense", action="store_true")
-    p.add_argument("--out", default="benchmarks/quantizers-cpu.json")
+    p.add_argument("--out", default="benchmarks/cpu-quantizers.json")
     p.add_argument("--jax-cache", default="/tmp/uniql_jax_cache",
                    help="persistent compilation cache (blocks of equal shapes compile once); '' to disable")
     args = p.parse_args(argv)
@@ -317,6 +373,8 @@ def run(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.append:
+        if not out.exists():
+            raise common.UsageError(f"--append: {out} does not exist (run once without --append first)")
         result = json.loads(out.read_text())
         result.setdefault("appended", []).append(settings)
     for name in names:
@@ -329,6 +387,9 @@ def run(argv=None) -> dict:
                 old[key] = [r for r in old[key] if r["method"] not in args.methods] + new[key]
         out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive a long run
         out.with_suffix(".md").write_text(markdown(result))
+    result["llama_3_1_8b"] = llama_31_8b_storage(args.bits, args.table_rates)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return result
 

@@ -226,3 +226,14 @@ def test_compress_cli_with_uniquan_reloads_at_a_rate_with_the_reported_perplexit
         assert packed and all(w.bits == 3 for w in packed) and bcq.is_bcq(params_r["lm_head"])
         assert perplexity(cfg_r, params_r, tokens, seq_len=64, batch_size=4) == pytest.approx(row["ppl"], rel=1e-6)
     assert report["rates"][1]["params"] < report["rates"][0]["params"]
+
+
+def test_uniquan_layout_is_the_uniform_layout_read_as_bit_planes(pipeline):
+    # benchmarks/cpu-quantizers' Llama-3.1-8B BCQ bytes are the abstract uniform layout read as planes
+    from experiments.bench_quantizers import to_bcq_planes
+
+    cfg, params, calib, table, q = pipeline
+    rtn = uq.quantize(cfg, params, calib, method="rtn", bits=BITS, group_size=128, table=table, progress=False)
+    layout = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: t))  # noqa: E731
+    assert layout(q) == layout(to_bcq_planes(rtn))
+    assert qarray.deployed_bytes(q) == qarray.deployed_bytes(to_bcq_planes(rtn))
