@@ -108,6 +108,13 @@ def to_bcq_planes(params):
     return out
 
 
+def array_layout(tree):
+    """The shapes and dtypes of a params tree (packed formats and their static fields included)."""
+    import jax
+
+    return jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: tree))
+
+
 def bench_model(name, arch, source, args) -> dict:
     import jax
 
@@ -174,8 +181,7 @@ def bench_model(name, arch, source, args) -> dict:
 
     for bits in args.bits:  # the Llama-3.1-8B BCQ bytes rest on this: UniQuan's layout is the uniform one as planes
         if ("uniquan", bits) in quantized and ("gptq", bits) in quantized:
-            shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: t))  # noqa: E731
-            if shapes(quantized["uniquan", bits]) != shapes(jax.eval_shape(to_bcq_planes, quantized["gptq", bits])):
+            if array_layout(quantized["uniquan", bits]) != array_layout(to_bcq_planes(quantized["gptq", bits])):
                 raise RuntimeError(f"{name}: the UniQuan layout differs from the GPTQ layout read as BCQ planes")
 
     if args.nested:
@@ -257,9 +263,8 @@ def markdown(result: dict) -> str:
              f"over the quantized linear weights; linear = over all linear weights (16-bit-kept ones at 16); model = "
              f"the whole deployed model incl. embeddings and norms (16-bit floats). Bold: best at that bit width "
              f"and rate.\n"]
-    order = lambda m: (m["name"].removeprefix("default-") not in MODEL_ORDER,  # noqa: E731
-                       MODEL_ORDER.index(m["name"].removeprefix("default-")) if m["name"].startswith("default-") else 0,
-                       m["name"])
+    defaults = [f"default-{arch}" for arch in MODEL_ORDER]
+    order = lambda m: (defaults.index(m["name"]) if m["name"] in defaults else len(defaults), m["name"])  # noqa: E731
     for m in sorted(result["models"], key=order):
         rates = [r["rate"] for r in m["sorted_fp"]]
         lines.append(f"## {m['name']} ({m['arch']}, {m['params']:,} params, fp ppl {m['fp_ppl']:.3f})\n")
@@ -350,6 +355,12 @@ def parse_args(argv=None):
     return args
 
 
+def save(result: dict, out: Path):
+    """The JSON at `out` and its markdown tables beside it."""
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+
+
 def run(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -385,11 +396,9 @@ def run(argv=None) -> dict:
         else:  # rows of the methods run now replace their earlier rows (a re-run never duplicates)
             for key in ("dense", "uniql", "nested"):
                 old[key] = [r for r in old[key] if r["method"] not in args.methods] + new[key]
-        out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive a long run
-        out.with_suffix(".md").write_text(markdown(result))
+        save(result, out)  # partial results survive a long run
     result["llama_3_1_8b"] = llama_31_8b_storage(args.bits, args.table_rates)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    save(result, out)
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return result
 

@@ -230,10 +230,9 @@ def test_compress_cli_with_uniquan_reloads_at_a_rate_with_the_reported_perplexit
 
 def test_uniquan_layout_is_the_uniform_layout_read_as_bit_planes(pipeline):
     # benchmarks/cpu-quantizers' Llama-3.1-8B BCQ bytes are the abstract uniform layout read as planes
-    from experiments.bench_quantizers import to_bcq_planes
+    from experiments.bench_quantizers import array_layout, to_bcq_planes
 
     cfg, params, calib, table, q = pipeline
     rtn = uq.quantize(cfg, params, calib, method="rtn", bits=BITS, group_size=128, table=table, progress=False)
-    layout = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: t))  # noqa: E731
-    assert layout(q) == layout(to_bcq_planes(rtn))
+    assert array_layout(q) == array_layout(to_bcq_planes(rtn))
     assert qarray.deployed_bytes(q) == qarray.deployed_bytes(to_bcq_planes(rtn))
