@@ -39,18 +39,47 @@ class Parser(argparse.ArgumentParser):
 
 
 def main_guard(run):
-    """Run `run()`; turn every bad-input error into one line on stderr and exit status 2."""
+    """Run `run()`; every failure ends in one line on stderr, never a bare traceback.
+
+    Bad input (usage, checkpoint, rate or data errors, an unusable path) exits with
+    status 2; anything else is a bug: status 1, its traceback written to a log file
+    the line names. Notes attached to the exception (e.g. where partial output was
+    kept) are appended to the line.
+    """
     from converters import hf
     from uniql_jax import checkpoint, data
 
     try:
         return run()
     except (UsageError, hf.CheckpointError, checkpoint.CheckpointError, checkpoint.RateError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_notes(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            _report_bug(e)
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        print(f"error: {where}: {e.strerror or type(e).__name__}{_notes(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a bug: one line here, the traceback in a file
+        _report_bug(e)
+
+
+def _notes(e: BaseException) -> str:
+    return "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+
+
+def _report_bug(e: BaseException):
+    import tempfile
+    import traceback
+
+    log_file = Path(tempfile.gettempdir()) / f"uniql-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_file.write_text(f"argv: {sys.argv}\n\n" + "".join(traceback.format_exception(e)))
+    first = (str(e).splitlines() or [""])[0][:300]
+    print(f"error: {type(e).__name__}: {first}{_notes(e)} (an internal error: traceback in {log_file})", file=sys.stderr)
+    sys.exit(1)
 
 
 def parse_rates(text: str) -> list[float]:
@@ -99,6 +128,11 @@ def staged_output(out: Path, overwrite: bool):
     An existing `out` (with `overwrite`) is renamed aside, the new folder renamed in,
     and only then is the old one deleted: `out` never holds a partly deleted or partly
     written folder (between the two renames it is briefly absent).
+
+    On failure `out` is left as it was. What the failed step had already written
+    (e.g. report.json, written before the checkpoint) is not thrown away silently: it
+    is kept as ``<out>.incomplete`` and a note on the exception says where (or that
+    nothing was written). An interrupt discards it.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -109,8 +143,16 @@ def staged_output(out: Path, overwrite: bool):
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if isinstance(e, Exception) and any(tmp.iterdir()):
+            kept = out.parent / f"{out.name}.incomplete"
+            shutil.rmtree(kept, ignore_errors=True)
+            tmp.rename(kept)
+            e.add_note(f"{out} was not written; the partial output is in {kept}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception):
+                e.add_note(f"nothing was written to {out}")
         raise
     if out.exists():
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from experiments import common
+from uniql_jax.paths import user_path
 
 DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
 log = logging.getLogger("compress")
@@ -66,7 +67,11 @@ def check_args(args):
         raise common.UsageError("--finetune-steps must be >= 0")
     if not args.finetune_lr > 0:
         raise common.UsageError(f"--finetune-lr must be positive, got {args.finetune_lr:g}")
-    out = Path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    for name in ("model", "calib", "eval", "finetune_data"):  # local files: absolute where they enter
+        value = getattr(args, name)
+        if value and user_path(value).exists():
+            setattr(args, name, str(user_path(value)))
+    out = user_path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
     return rates, out
@@ -124,14 +129,14 @@ def run(argv=None) -> Path:
     with timer.stage("evaluate"):
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
     print_table(report)
-    with common.staged_output(out, args.overwrite) as tmp:
+    with common.staged_output(out, args.overwrite) as tmp:  # the report first: a failed save keeps it
+        common.write_json(tmp / "report.json", report)
+        common.plot_report(report, tmp / "report.png")
+        common.save_tokenizer(tokenizer, tmp / "tokenizer")
         meta = {k: report[k] for k in ("arch", "model", "quantizer", "bits", "group_size", "seed", "seq_len",
                                         "calib", "eval")}
         meta["eval_source"] = args.eval  # None: the held-out TinyStories default
         uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
-        common.save_tokenizer(tokenizer, tmp / "tokenizer")
-        common.write_json(tmp / "report.json", report)
-        common.plot_report(report, tmp / "report.png")
     log.info("wrote %s", out)
     return out
 

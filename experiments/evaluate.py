@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments import common
+from uniql_jax.paths import user_path
 
 log = logging.getLogger("evaluate")
 
@@ -30,8 +31,8 @@ def build_parser():
 
 
 def checkpoint_dir(path: Path) -> tuple[Path, Path]:
-    """(run folder with the tokenizer, checkpoint folder) of --ckpt."""
-    path = Path(path)
+    """(run folder with the tokenizer, checkpoint folder) of --ckpt, absolute."""
+    path = user_path(path)
     if (path / "checkpoint").is_dir():
         return path, path / "checkpoint"
     if (path.parent / "tokenizer").exists():

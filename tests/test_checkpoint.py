@@ -210,6 +210,23 @@ def test_round_trip_bfloat16(tmp_path):
     assert_trees_identical(loaded, params)
 
 
+def test_save_load_and_elastic_model_take_relative_paths(tmp_path, monkeypatch):
+    """A relative folder (what a user types) works everywhere a path enters; the manifest is written
+    where the user meant, and loading from another working directory through its absolute path agrees."""
+    params = random_params(CFG, 5)
+    monkeypatch.chdir(tmp_path)
+    returned = uq.save("runs/ckpt", CFG, params, table=DENSE_TABLE)
+    assert returned == tmp_path / "runs" / "ckpt" and returned.is_absolute()
+    assert (tmp_path / "runs" / "ckpt" / ck.MANIFEST).is_file()
+    for rate in DENSE_TABLE:
+        cfg_r, loaded = uq.load("runs/ckpt", rate=rate)
+        assert_trees_identical(loaded, pruned(CFG, params, rate, DENSE_TABLE)[1])
+    model = ck.ElasticModel.from_checkpoint("./runs/../runs/ckpt", rate=0.35)
+    assert model.cfg == pruned(CFG, params, 0.35, DENSE_TABLE)[0]
+    monkeypatch.chdir(tmp_path / "runs")
+    assert_trees_identical(uq.load("ckpt", rate=0.2)[1], pruned(CFG, params, 0.2, DENSE_TABLE)[1])
+
+
 def test_quantized_fixture_really_holds_both_packed_types(quant):
     from uniql_jax.quant import bcq
 

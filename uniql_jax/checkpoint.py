@@ -80,6 +80,7 @@ import numpy as np
 from uniql_jax.compress.prune import PACKED_SLICERS, lookup_rate, slice_to_config
 from uniql_jax.config import ModelConfig, block_from_dict, block_to_dict, config_from_dict, config_to_dict
 from uniql_jax.inference import forward
+from uniql_jax.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +563,7 @@ def save(path, cfg: ModelConfig, params, *, table: dict | None = None, meta: dic
     import orbax.checkpoint as ocp
 
     t0 = time.perf_counter()
-    path = Path(path)
+    path = user_path(path)
     table = check_table(cfg, dict(table or {}))
     meta = dict(meta or {})
     try:
@@ -666,7 +667,7 @@ class CheckpointInfo:
 
 def read_info(path) -> CheckpointInfo:
     """The verified manifest of a checkpoint; CheckpointError if missing or malformed."""
-    path = Path(path)
+    path = user_path(path)
     body = read_manifest(path)
     try:
         return CheckpointInfo(

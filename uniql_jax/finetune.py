@@ -71,6 +71,7 @@ import optax
 from uniql_jax.compress import masks as mask_lib
 from uniql_jax.config import ModelConfig
 from uniql_jax.eval import window_nll, windows
+from uniql_jax.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ class _Checkpoints:
 
         self.ocp = ocp
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        self.manager = ocp.CheckpointManager(user_path(directory), options=options,
                                              item_names=("state", "meta"))
 
     def latest(self):

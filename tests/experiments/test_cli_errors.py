@@ -93,13 +93,46 @@ def test_staged_output_failure_keeps_the_old_folder(tmp_path):
 
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
-    with pytest.raises(RuntimeError, match="stage failed"):
+    with pytest.raises(RuntimeError, match="stage failed") as failure:
         with staged_output(tmp_path / "o", overwrite=True) as tmp:
             (tmp / "half.txt").write_text("half-written")
             assert not (tmp_path / "o" / "half.txt").exists()  # nothing lands in --out while writing
             raise RuntimeError("stage failed")
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
     assert_no_hidden_siblings(tmp_path)
+    # what was written is not thrown away silently: kept beside --out, and the error says where
+    assert (tmp_path / "o.incomplete" / "half.txt").read_text() == "half-written"
+    assert any(str(tmp_path / "o.incomplete") in note for note in failure.value.__notes__)
+
+
+def test_failed_save_after_the_work_keeps_the_report_and_says_where(tmp_path, monkeypatch, capsys):
+    """Issue 17: a save that fails after every stage ran: one line naming the failure and where the
+    report is, exit status 1 with the traceback in a log file (a bug), nothing in --out."""
+    from experiments import common, compress
+    from uniql_jax import checkpoint
+
+    def broken_save(*a, **kw):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(checkpoint, "save", broken_save)
+    monkeypatch.setattr("uniql_jax.save", broken_save)
+    text = tmp_path / "t.txt"
+    text.write_text(open(common.TINYSTORIES).read()[:20000])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        compress.main(["--arch", "llama", "--out", "o", "--quantizer", "none", "--calib", "t.txt", "--eval", "t.txt",
+                       "--calib-samples", "2", "--seq-len", "16", "--rates", "0,0.35"])
+    assert exit_.value.code == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [line for line in stderr.splitlines() if line.startswith("error")]  # the rest: progress lines
+    assert len(err) == 1 and "disk on fire" in err[0] and str(tmp_path / "o.incomplete") in err[0], err
+    log_file = Path(err[0].split("traceback in ")[1].rstrip(")"))
+    assert "broken_save" in log_file.read_text()
+    assert not (tmp_path / "o").exists()
+    kept = {p.name for p in (tmp_path / "o.incomplete").iterdir()}
+    assert {"report.json", "report.png", "tokenizer"} <= kept, kept
+    assert json.loads((tmp_path / "o.incomplete" / "report.json").read_text())["rates"][1]["rate"] == 0.35
 
 
 def test_staged_output_replaces_the_whole_folder(tmp_path, monkeypatch):

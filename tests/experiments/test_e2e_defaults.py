@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,8 @@ BATCH_SIZE = 4  # evaluate_rates' default, the batch compress evaluates with
 
 # arch -> quantizer; slow ones marked
 CASES = [
-    pytest.param("nemotron_h", "gptq", id="nemotron_h-gptq"),
+    # nemotron_h with GPTQ in the default tier: the README's quick start, verbatim (test_readme_quick_start_...)
+    pytest.param("nemotron_h", "gptq", id="nemotron_h-gptq", marks=pytest.mark.slow),
     pytest.param("llama", "rtn", id="llama-rtn", marks=pytest.mark.slow),
     pytest.param("qwen2", "rtn", id="qwen2-rtn", marks=pytest.mark.slow),
     pytest.param("mamba2", "rtn", id="mamba2-rtn", marks=pytest.mark.slow),
@@ -54,7 +56,8 @@ RELOAD = textwrap.dedent("""
 
     run, eval_file, seq_len, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rates = [float(r) for r in sys.argv[5].split(",")]
-    tokens = data.load_tokens(eval_file, hf.load_tokenizer(run + "/tokenizer"))
+    part = {} if len(sys.argv) < 7 else {"part": sys.argv[6]}
+    tokens = data.load_tokens(eval_file, hf.load_tokenizer(run + "/tokenizer"), **part)
     rows = []
     for r in rates:
         cfg, params = uq.load(run + "/checkpoint", rate=r)
@@ -117,3 +120,58 @@ def test_compress_then_load_in_a_fresh_process_reproduces_the_reported_perplexit
         want = reported[row["rate"]]
         assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-5, abs=0), (row, want)
         assert (row["params"], row["param_bytes"]) == (want["params"], want["param_bytes"]), (row, want)
+
+
+def readme_quick_start() -> str:
+    """The compress command of the README's quick start, exactly as printed (after the install)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    install, command = block.split(" && ")
+    assert install == "pip install -e ." and command.startswith("python -m experiments.compress"), block
+    return command
+
+
+def test_readme_quick_start_verbatim_from_a_fresh_directory(tmp_path):
+    """Issue 17: the README's main job, typed as printed in an empty working directory (default --out
+    runs/<arch>-<timestamp>, relative), then the run folder used through relative paths only: uq.load at
+    two rates in a fresh interpreter, experiments.evaluate --ckpt runs/..., experiments.generate."""
+    command = readme_quick_start()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("nemotron_h-"), runs  # nothing staged left beside it
+    run = Path("runs") / runs[0].name  # relative to tmp_path, the working directory of every command below
+    assert {p.name for p in (tmp_path / run).iterdir()} == {"checkpoint", "tokenizer", "report.json", "report.png"}
+    report = json.loads((tmp_path / run / "report.json").read_text())
+    reported = {row["rate"]: row for row in report["rates"]}
+    assert sorted(reported) == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35]
+    assert report["quantizer"] == "gptq" and report["bits"] == 4
+    assert reported[0.35]["param_bytes"] < reported[0.0]["param_bytes"] < 0.5 * report["baseline"]["param_bytes"]
+
+    rates = (0.0, 0.25)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(run), str(TINYSTORIES), str(report["seq_len"]), str(BATCH_SIZE),
+         ",".join(map(str, rates)), "heldout"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [row["rate"] for row in reloaded["rows"]] == list(rates)
+    for row in reloaded["rows"]:
+        want = reported[row["rate"]]
+        assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-5, abs=0), (row, want)
+        assert (row["params"], row["param_bytes"]) == (want["params"], want["param_bytes"]), (row, want)
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--ckpt", str(run), "--rates", "0.35",
+                           "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)
+    # evaluate's own batch size: the same windows, summed in another order
+    assert row["ppl"] == pytest.approx(reported[0.35]["ppl"], rel=1e-4), (row, reported[0.35])
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.generate", "--ckpt", str(run), "--rate", "0.25",
+                           "--prompt", "Once upon a time", "--max-new-tokens", "12"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout.strip()
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 10, text
