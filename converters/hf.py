@@ -1,17 +1,43 @@
 """Hugging Face checkpoints <-> (ModelConfig, params): strict, declarative, no code execution.
 
 ``load`` reads config.json and the weights (safetensors, sharded safetensors with an
-index, or PyTorch .bin through a weights-only unpickler), picks the arch's mapping
-table in ``converters.mappings`` and converts. Strict: a config attribute that
-changes the math and is not handled, a missing tensor, an unexpected tensor or a
-shape mismatch raises ``CheckpointError`` naming it. ``save`` writes the inverse,
-which ``transformers`` loads.
+index, or PyTorch .bin through a weights-only unpickler) - or a single ``.gguf`` file,
+dequantized to float (``converters.gguf``) - picks the arch's mapping table in
+``converters.mappings`` and converts. Strict: a config attribute that changes the math
+and is not handled, a missing tensor, an unexpected tensor or a shape mismatch raises
+``CheckpointError`` naming it. ``save`` writes the inverse, which ``transformers`` loads.
+
+The config rule (``ConfigReader``), one rule for every arch. Each attribute of config.json is
+
+1. *mapped*: read by the arch's mapping (``get`` / ``require``) into the ModelConfig;
+2. *checked*: accepted only at a value whose math we implement (``expect``, or an explicit
+   consistency check in the mapping); any other value raises naming attribute and value;
+3. *inert*: declared not to change a forward pass, globally (``INERT``: names, versions,
+   dtypes, ``auto_map``, token ids, cache and generation flags, dropout, init ranges) or
+   per arch (``ConfigReader.inert``: e.g. ``time_step_*`` initialization knobs); or
+4. *not defined by transformers*: an attribute that transformers' own config class for the
+   ``model_type`` does not define (``transformers_attributes``: its fields, ``__init__``
+   parameters, ``attribute_map`` aliases and the legacy names it converts) is carried as an
+   unused extra by transformers and never read by its modelling code, so we accept it too and
+   log it once at INFO (e.g. ``is_llama_config``, ``use_mrope``, ``norm_before_gate``).
+
+A leftover that transformers *does* define but the mapping did not consume raises
+``CheckpointError`` naming attribute and value: the installed transformers is the reference
+for which attributes exist, so a new attribute in a future transformers fails loudly until a
+mapping decides about it. Where an attribute transformers ignores is known to describe the
+math of the original training code (``rope_interleaved``, ``use_mrope``, ``rms_norm``,
+``attention_head_dim``, ...), the mapping checks it like case 2 instead: a value that the
+stored weights would need and that neither transformers nor we compute is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,30 +47,70 @@ import numpy as np
 from uniql_jax.config import ModelConfig
 from uniql_jax.quant.qarray import is_qarray
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted (message names the problem)."""
 
 
-# model_type in config.json -> module in converters.mappings
+# model_type in config.json -> module in converters.mappings (the module's arch names are the same)
 MODEL_TYPES = {"llama": "llama", "qwen2": "llama", "mamba2": "mamba2", "nemotron_h": "nemotron_h", "bamba": "bamba"}
-ARCH_MODULES = {"llama": "llama", "qwen2": "llama", "mamba2": "mamba2", "nemotron_h": "nemotron_h", "bamba": "bamba"}
+ARCH_MODULES = MODEL_TYPES
 
-# config.json attributes that never change the math of a forward pass
-INFORMATIONAL = {
-    "transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype", "torch_dtype",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "initializer_range", "use_cache", "_name_or_path", "model_type", "output_attentions",
-    "attention_dropout", "tokenizer_class", "max_position_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "tie_word_embeddings", "_attn_implementation_autoset", "use_return_dict",
+# Attributes that never change the math of a forward pass, whatever the arch: bookkeeping and
+# names (incl. the remote-code pointer auto_map and the GGUF loader's _model_name_or_path),
+# storage dtype, task heads we do not build, token ids (read where ModelConfig keeps them),
+# cache / generation flags, dropout (identity at inference) and initialization ranges.
+INERT = {
+    "transformers_version", "architectures", "_name_or_path", "_model_name_or_path", "model_type", "auto_map",
+    "_attn_implementation_autoset", "_commit_hash", "tokenizer_class", "dtype", "torch_dtype",
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+    "use_cache", "num_logits_to_keep", "attention_dropout", "hidden_dropout", "initializer_range",
+    "max_position_embeddings",
 }
+# legacy spellings transformers' RoPE utilities convert into rope_parameters for every model that has it
+ROPE_LEGACY = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
+
+
+@functools.cache
+def transformers_attributes(model_type: str) -> tuple[str, frozenset[str]]:
+    """(class name, every attribute name) of the installed transformers' config class for
+    `model_type`: dataclass fields, ``__init__`` parameters, the keys of a default instance's
+    ``to_dict()``, ``attribute_map`` aliases, the legacy names the mapping module declares
+    transformers converts (``TRANSFORMERS_LEGACY``) and the RoPE legacy keys."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError as e:
+        raise CheckpointError(f"the installed transformers has no config class for model_type {model_type!r}") from e
+    names = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    try:
+        names |= set(cls().to_dict())
+    except (ValueError, TypeError):  # a default instance that fails the class's own validation
+        pass
+    names |= set(getattr(cls, "attribute_map", {}))
+    names |= set(getattr(mapping_for(model_type), "TRANSFORMERS_LEGACY", ()))
+    if "rope_parameters" in names:
+        names |= ROPE_LEGACY
+    return cls.__name__, frozenset(names)
+
+
+_logged_ignored: set[tuple[str, str]] = set()
 
 
 class ConfigReader:
-    """Consumes a config.json dict attribute by attribute; ``finish`` rejects leftovers."""
+    """Consumes a config.json dict attribute by attribute; ``finish`` applies the config rule
+    (module docstring) to whatever the mapping did not consume."""
 
-    def __init__(self, raw: dict, source: str = "config.json"):
+    def __init__(self, raw: dict, source: str = "config.json", model_type: str | None = None):
         self.raw, self.source, self.used = dict(raw), source, set()
+        self.model_type = model_type if model_type is not None else raw.get("model_type")
 
     def get(self, key, default=None):
         self.used.add(key)
@@ -56,16 +122,39 @@ class ConfigReader:
         return self.get(key)
 
     def expect(self, key, *allowed):
-        """An attribute we do not implement: accept it only at a value that leaves the math as handled."""
+        """An attribute we do not implement: accept it only at a value that leaves the math as handled
+        (absent = the first allowed value)."""
         value = self.get(key, allowed[0])
         if value not in allowed:
             raise CheckpointError(f"{self.source}: unsupported {key}={value!r} (supported: {', '.join(map(repr, allowed))})")
         return value
 
+    def agree(self, key, expected, meaning: str):
+        """An attribute that restates a value we derive elsewhere: absent, or equal to it."""
+        value = self.get(key)
+        if value is not None and value != expected:
+            raise CheckpointError(f"{self.source}: unsupported {key}={value!r}: {meaning} is {expected!r}")
+        return value
+
+    def inert(self, *keys):
+        """Attributes declared not to change a forward pass (initialization, kernels, training only)."""
+        self.used.update(keys)
+
     def finish(self):
-        unknown = sorted(set(self.raw) - self.used - INFORMATIONAL)
-        if unknown:
-            raise CheckpointError(f"{self.source}: unsupported attribute(s) {', '.join(unknown)}")
+        left = sorted(set(self.raw) - self.used - INERT)
+        if not left:
+            return
+        cls_name, defined = transformers_attributes(self.model_type)
+        refused = [k for k in left if k in defined]
+        if refused:
+            what = ", ".join(f"{k}={self.raw[k]!r}" for k in refused)
+            raise CheckpointError(f"{self.source}: unsupported attribute(s) {what} "
+                                  f"(transformers' {cls_name} defines them; this converter does not implement them)")
+        new = [k for k in left if (self.model_type, k) not in _logged_ignored]
+        if new:
+            _logged_ignored.update((self.model_type, k) for k in new)
+            log.info("%s: ignoring attribute(s) %s: transformers' %s does not define them, so its modelling code "
+                     "ignores them too", self.source, ", ".join(f"{k}={self.raw[k]!r}" for k in new), cls_name)
 
 
 def mapping_for(model_type_or_arch: str):
@@ -75,7 +164,7 @@ def mapping_for(model_type_or_arch: str):
     try:
         return importlib.import_module(f"converters.mappings.{name}")
     except ModuleNotFoundError as e:
-        raise CheckpointError(f"no converter for {model_type_or_arch!r} yet ({e})") from None
+        raise CheckpointError(f"no converter for {model_type_or_arch!r} yet ({e})") from e
 
 
 # ----------------------------------------------------------------------------- files
@@ -99,7 +188,7 @@ def resolve(path) -> Path:
                                   allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
     except Exception as e:  # network, auth, missing repo: one clear line
         how = "HF_HUB_OFFLINE is set and it is not cached" if offline else type(e).__name__
-        raise CheckpointError(f"{path}: not a local directory and cannot be fetched from the Hub ({how})") from None
+        raise CheckpointError(f"{path}: not a local directory and cannot be fetched from the Hub ({how})") from e
     return Path(local)
 
 
@@ -110,7 +199,7 @@ def read_config(folder: Path) -> dict:
     try:
         return json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        raise CheckpointError(f"{f}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from e
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -121,7 +210,7 @@ def _weight_files(folder: Path) -> list[Path]:
             try:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: malformed index ({e})") from None
+                raise CheckpointError(f"{index}: malformed index ({e})") from e
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: missing shard(s) {', '.join(missing)}")
@@ -153,7 +242,7 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
         except CheckpointError:
             raise
         except Exception as e:  # truncated or corrupt file
-            raise CheckpointError(f"{f}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+            raise CheckpointError(f"{f}: unreadable weights ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from e
     return tensors
 
 
@@ -187,17 +276,44 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type is None:
         raise CheckpointError(f"{source}: no model_type")
-    reader = ConfigReader(raw, source)
+    reader = ConfigReader(raw, source, model_type)
     cfg = mapping_for(model_type).config_from_hf(reader, model_type)
     reader.finish()
     return cfg
 
 
-def load(path, dtype=None) -> tuple[ModelConfig, dict]:
-    """HF checkpoint folder or Hub id -> (ModelConfig, params). `dtype` casts floating weights."""
+def is_gguf(path) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def arch_of(path) -> str:
+    """Our arch name ('llama', 'qwen2', 'mamba2', 'nemotron_h', 'bamba') of an HF checkpoint folder
+    or Hub id (config.json's model_type) or a .gguf file (its general.architecture)."""
+    if is_gguf(path):
+        from converters import gguf
+
+        return gguf.arch_of(path)
     folder = resolve(path)
-    cfg = config_from_hf(read_config(folder), str(folder / "config.json"))
-    take = TensorTaker(read_tensors(folder))
+    model_type = read_config(folder).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{folder / 'config.json'}: unsupported model_type {model_type!r}; "
+                              f"supported: {', '.join(MODEL_TYPES)}")
+    return model_type
+
+
+def load(path, dtype=None) -> tuple[ModelConfig, dict]:
+    """HF checkpoint folder, Hub id or .gguf file -> (ModelConfig, params). `dtype` casts floating weights
+    (GGUF weights are dequantized to float32)."""
+    if is_gguf(path):
+        from converters import gguf
+
+        raw, tensors, source = gguf.read(path)
+    else:
+        folder = resolve(path)
+        raw, source = read_config(folder), str(folder / "config.json")
+        tensors = None
+    cfg = config_from_hf(raw, source)
+    take = TensorTaker(tensors if tensors is not None else read_tensors(folder))
     params = mapping_for(cfg.arch).params_from_hf(cfg, take)
     take.finish()
     params = _to_jax(params, dtype)
@@ -232,11 +348,18 @@ def save(cfg: ModelConfig, params: dict, out_dir) -> None:
 
 
 def load_tokenizer(path):
-    """The checkpoint's tokenizer through transformers (never remote code)."""
+    """The checkpoint's tokenizer through transformers (never remote code); for a .gguf file, the
+    tokenizer stored in the file."""
     from transformers import AutoTokenizer
 
-    folder = resolve(path)
+    if is_gguf(path):
+        f = Path(path)
+        if not f.is_file():
+            raise CheckpointError(f"{path}: no such GGUF file")
+        folder, kwargs = f.parent, {"gguf_file": f.name}
+    else:
+        folder, kwargs = resolve(path), {}
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception as e:
-        raise CheckpointError(f"{folder}: no usable tokenizer ({type(e).__name__})") from None
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
+    except Exception as e:  # any failure of transformers' tokenizer loading: one line, cause chained
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})") from e

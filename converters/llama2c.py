@@ -179,6 +179,6 @@ def load_tokenizer(path) -> Llama2cTokenizer:
             pieces.append(data[at:at + n])
             scores.append(score)
             at += n
-    except struct.error:
-        raise CheckpointError(f"{path}: malformed llama2.c tokenizer") from None
+    except struct.error as e:
+        raise CheckpointError(f"{path}: malformed llama2.c tokenizer") from e
     return Llama2cTokenizer(pieces, scores)

@@ -53,12 +53,14 @@ def config_from_hf(r, model_type: str) -> ModelConfig:
     try:
         theta, scaling, partial = common.rope_from_hf(r)
     except common.CheckpointError as e:
-        raise CheckpointError(f"{r.source}: {e}") from None
+        raise CheckpointError(f"{r.source}: {e}") from e
     if scaling is not None:
         raise CheckpointError(f"{r.source}: Bamba supports only the default RoPE")
     if partial not in (None, PARTIAL_ROTARY):
         raise CheckpointError(f"{r.source}: partial_rotary_factor={partial}; Bamba uses {PARTIAL_ROTARY}")
     rotary = int(head_dim * PARTIAL_ROTARY)
+    # written by the mamba_ssm -> HF conversion (Bamba-9B); BambaConfig does not define it
+    r.agree("attn_rotary_emb", rotary, "the rotary width head_dim*partial_rotary_factor")
     if rotary % 2:
         raise CheckpointError(f"{r.source}: head_dim={head_dim} gives an odd rotary width {rotary}")
     F = r.get("intermediate_size", 14336)

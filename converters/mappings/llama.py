@@ -21,6 +21,24 @@ def names(blk) -> dict:
             "up": pre + "mlp.up_proj", "down": pre + "mlp.down_proj"}
 
 
+def sliding_layers(r, L: int):
+    """Qwen2's per-layer attention kinds, derived as Qwen2Config does; any sliding layer is refused."""
+    use_window, window = r.get("use_sliding_window", False), r.get("sliding_window")
+    first = r.get("max_window_layers", 28)
+    types = r.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if use_window and window is not None and i >= first else "full_attention"
+                 for i in range(L)]
+    if len(types) != L:
+        raise common.CheckpointError(f"{r.source}: {len(types)} layer_types for num_hidden_layers={L}")
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if sliding:
+        raise common.CheckpointError(
+            f"{r.source}: unsupported sliding-window attention on layer(s) {sliding[:4]}{' ...' if len(sliding) > 4 else ''} "
+            f"(use_sliding_window={use_window}, sliding_window={window}, max_window_layers={first}, "
+            f"layer_types={sorted(set(types))})")
+
+
 def config_from_hf(r, model_type: str) -> ModelConfig:
     D, H = r.require("hidden_size"), r.require("num_attention_heads")
     K = r.get("num_key_value_heads") or H
@@ -30,18 +48,19 @@ def config_from_hf(r, model_type: str) -> ModelConfig:
     if model_type == "llama":
         r.expect("pretraining_tp", 1)
         r.expect("mlp_bias", False)
+        # not a LlamaConfig attribute (nanotron's export writes it): True would mean GPT-J interleaved
+        # rotary pairs, which neither transformers' Llama nor we compute
+        r.expect("rope_interleaved", False)
         bias = bool(r.get("attention_bias", False))
     else:  # qwen2: biases on q/k/v only; sliding windows are not implemented
         bias = True
-        r.expect("use_sliding_window", False)
-        r.get("sliding_window"), r.get("max_window_layers")  # inert while use_sliding_window is False
-        layer_types = r.get("layer_types")
-        if layer_types is not None and set(layer_types) != {"full_attention"}:
-            raise common.CheckpointError(f"unsupported layer_types {sorted(set(layer_types))}")
+        # not a Qwen2Config attribute (Qwen2-VL's multimodal RoPE flag): True needs 3-D positions
+        r.expect("use_mrope", False)
+        sliding_layers(r, L)
     try:
         theta, scaling, partial = common.rope_from_hf(r)
     except common.CheckpointError as e:
-        raise common.CheckpointError(f"{r.source}: {e}") from None
+        raise common.CheckpointError(f"{r.source}: {e}") from e
     if partial not in (None, 1.0):
         raise common.CheckpointError(f"{r.source}: unsupported partial_rotary_factor={partial}")
     if H % K:

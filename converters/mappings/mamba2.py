@@ -108,10 +108,19 @@ def config_from_hf(r, model_type: str) -> ModelConfig:
     check_ssm_geometry(r.source, D, r.get("expand", 2), H, P, Rg)
     r.expect("hidden_act", "silu")
     r.expect("use_bias", False)
-    # initialization-only or precision-only knobs (the float32 residual is a no-op in float32)
-    for k in ("time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual",
-              "residual_in_fp32"):
-        r.get(k)
+    # initialization-only or precision-only knobs (the float32 residual is a no-op in float32);
+    # time_step_init_scheme / time_step_scale are mamba_ssm's dt initialization, not Mamba2Config attributes
+    r.inert("time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual",
+            "residual_in_fp32", "time_step_init_scheme", "time_step_scale")
+    # mamba_ssm attributes Mamba2Config does not define, checked where their meaning is certain:
+    # rms_norm=False would be LayerNorm block norms (transformers always uses RMSNorm), and
+    # intermediate_size (Mamba-Codestral writes it) restates the mixer width.
+    r.expect("rms_norm", True)
+    r.agree("intermediate_size", H * P, "the mixer width num_heads*head_dim")
+    # norm_before_gate is deliberately not checked: transformers' Mamba2 always gates before the norm
+    # (mamba_ssm's norm_before_gate=False), and Mamba-Codestral-7B-v0.1 publishes norm_before_gate=true
+    # while its reference code (mistral_inference -> mamba_ssm Mamba2 defaults) gates before the norm too.
+    # Like every attribute transformers' class does not define, it is accepted and logged.
     eps = float(r.get("layer_norm_epsilon", 1e-5))
     return ModelConfig(
         arch="mamba2", vocab_size=r.require("vocab_size"), hidden_size=D,

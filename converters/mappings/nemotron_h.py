@@ -27,6 +27,8 @@ LEGACY = {"n_groups": "mamba_n_groups", "conv_kernel": "mamba_d_conv", "expand":
           "time_step_floor": "mamba_dt_init_floor", "use_conv_bias": "mamba_conv_bias", "chunk_size": "mamba_chunk_size"}
 DEFAULTS = {"n_groups": 8, "conv_kernel": 4, "expand": 2, "time_step_min": 0.001, "use_conv_bias": True,
             "chunk_size": 128}
+# names NemotronHConfig converts (``__post_init__``): transformers defines them
+TRANSFORMERS_LEGACY = frozenset(LEGACY.values()) | {"hybrid_override_pattern", "mtp_hybrid_override_pattern"}
 MOE_KEYS = ("n_routed_experts", "output_router_logits", "n_shared_experts", "moe_intermediate_size",
             "moe_shared_expert_intermediate_size", "moe_latent_size", "moe_shared_expert_overlap",
             "num_experts_per_tok", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob")
@@ -82,6 +84,10 @@ def config_from_hf(r, model_type: str) -> ModelConfig:
     nA = r.get("num_attention_heads", 32)
     nK = r.get("num_key_value_heads", 8) or nA
     head_dim = r.get("head_dim", 128) or D // nA
+    # the remote-code NemotronH (auto_map) names these differently; NemotronHConfig does not define them,
+    # so they must restate what transformers computes with
+    r.agree("attention_head_dim", head_dim, "the attention head_dim")
+    r.agree("rms_norm_eps", r.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon (the epsilon of every norm)")
     if "full_attention" in types and nA % nK:
         raise CheckpointError(f"{r.source}: num_attention_heads={nA} not a multiple of num_key_value_heads={nK}")
     F = int(r.get("intermediate_size", 21504))
