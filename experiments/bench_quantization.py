@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import uniql_jax as uq
@@ -47,8 +46,8 @@ from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import ModelConfig
-from uniql_jax.quant import qarray, rtn
-from uniql_jax.quant.quantize import allocation_steps, group_size_for, kept_sizes, linear_contractions, quantize_weight
+from uniql_jax.quant import qarray
+from uniql_jax.quant.quantize import allocation_steps, rtn_quantize_model
 
 log = logging.getLogger("bench_quantization")
 MODELS = ("stories260K",) + uq.ARCHS
@@ -73,29 +72,9 @@ PAPER_8B_GB = {"fp16": 16.0, "w4_0": 4.1, "w4_35": 2.8}
 
 def rtn_quantized(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
                   quantize_embeddings: bool = True) -> dict:
-    """What ``uq.quantize(method="rtn")`` returns, without its calibration pass (RTN uses no
-    Hessian): every weight with a recorded product packed along its last contraction axis, in
-    the group size ``group_size_for`` picks from the table's kept sizes (weights with none stay
-    float), embeddings per-row RTN, an untied head like a linear. `params` may be abstract
-    (traced under ``jax.eval_shape``, see ``quantized_layout``). Bit-identical to the driver
-    (tests/quant/test_quantized_pruning.py)."""
-    blocks = []
-    for i, (blk, bp) in enumerate(zip(cfg.blocks, params["blocks"])):
-        new = dict(bp)
-        for name, n in linear_contractions(cfg, blk, bp).items():
-            gs = group_size_for(kept_sizes(cfg, table, i, name, n - 1), group_size)
-            if gs is not None:
-                new[name] = quantize_weight(bp[name], None, method="rtn", bits=bits, group_size=gs, n_contract=n,
-                                            damp=0.0, act_order=False)
-        blocks.append(new)
-    out = {**params, "blocks": blocks}
-    if quantize_embeddings:
-        gs = group_size_for([cfg.hidden_size], group_size)
-        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], jnp.float32), bits=bits, group_size=gs)
-        if not cfg.tie_word_embeddings:
-            out["lm_head"] = quantize_weight(params["lm_head"], None, method="rtn", bits=bits, group_size=gs,
-                                             n_contract=1, damp=0.0, act_order=False)
-    return out
+    """What ``uq.quantize(method="rtn")`` returns (no calibration pass; `params` may be abstract)."""
+    return rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
+                              quantize_embeddings=quantize_embeddings)[0]
 
 
 def quantized_layout(cfg: ModelConfig, table: dict | None, **kw) -> dict:

@@ -13,11 +13,10 @@ quantization-compatible steps (``quantize.allocation_steps``) and quantized once
 * the abstract layout behind the Llama-3.1-8B memory figure is the driver's;
 * on the real stories260K, GPTQ-4bit perplexity is at most RTN-4bit perplexity (slow).
 
-The driver's calibration pass compiles every block (tens of seconds for Mamba2 blocks
-on CPU), so the default run uses it for llama (GPTQ) only; the other archs are quantized
-with ``bench_quantization.rtn_quantized``, the driver's RTN output without the
-calibration pass (bit-identical to ``uq.quantize(method="rtn")``, checked in the slow
-run), and every arch goes through the driver in the slow run.
+The GPTQ driver's calibration pass compiles every block (tens of seconds for Mamba2
+blocks on CPU), so the default run uses it for llama only; the other archs are quantized
+with ``uq.quantize(method="rtn")``, which needs no calibration pass (checked below), and
+every arch goes through GPTQ in the slow run.
 """
 
 import functools
@@ -65,7 +64,7 @@ def small_config(arch: str) -> ModelConfig:
 
 
 # (arch, method, bits); method "gptq" / "rtn": the driver uq.quantize (calibration pass);
-# "rtn-direct": bench_quantization.rtn_quantized (no calibration pass, same bits as the driver's RTN).
+# "rtn-direct": uq.quantize(method="rtn") without calibration windows (it runs no calibration pass).
 # Default: every arch once, the GPTQ driver on llama, 3-bit packing (3 bytes per 8 codes) on
 # Nemotron-H, which has every block kind; the driver on the other archs is slow.
 FAST_CASES = [("llama", "gptq", 4), ("qwen2", "rtn-direct", 4), ("mamba2", "rtn-direct", 4),
@@ -134,13 +133,11 @@ def rate_table(cfg: ModelConfig, steps: dict) -> dict:
 def quantized_model(arch: str, method: str, bits: int):
     """(cfg, float params, table, quantized params): quantized once per session, for a table
     whose steps are the quantization-compatible ones compress.py uses."""
-    from experiments.bench_quantization import rtn_quantized
-
     cfg = small_config(arch)
     params = random_params(cfg, seed=3)
     table = rate_table(cfg, allocation_steps(cfg, 128, default_steps(cfg)))
     if method == "rtn-direct":
-        return cfg, params, table, rtn_quantized(cfg, params, table, bits=bits, group_size=128)
+        return cfg, params, table, uq.quantize(cfg, params, None, method="rtn", bits=bits, group_size=128, table=table)
     calib = np.random.default_rng(7).integers(0, V, (8, 32)).astype(np.int32)
     qparams = uq.quantize(cfg, params, calib, method=method, bits=bits, group_size=128, table=table, progress=False)
     return cfg, params, table, qparams
@@ -302,12 +299,38 @@ def test_abstract_layout_is_what_quantize_produces(arch, method, bits):
     assert qarray.deployed_bytes(pruned_layout) < qarray.deployed_bytes(layout)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch,bits", [("llama", 3), ("nemotron_h", 3)])
-def test_rtn_direct_is_the_driver_bit_for_bit(arch, bits):
-    """bench_quantization.rtn_quantized (used by the default cases above) is uq.quantize(method="rtn")."""
-    _, _, _, direct = quantized_model(arch, "rtn-direct", bits)
-    _, _, _, driver = quantized_model(arch, "rtn", bits)
-    assert jax.tree.structure(direct) == jax.tree.structure(driver)
-    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(driver)):
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+def test_rtn_runs_no_calibration_pass_and_rounds_to_nearest(monkeypatch):
+    """RTN uses no activations: uq.quantize(method="rtn") never runs the model, and every packed
+    weight is the nearest level of its group's grid (|w - ŵ| <= scale / 2 for unclipped codes)."""
+    from uniql_jax.compress import calibration
+
+    def no_pass(*a, **kw):
+        raise AssertionError("RTN ran a calibration pass")
+
+    monkeypatch.setattr(calibration, "run_blocks", no_pass)
+    cfg = small_config("llama")
+    params = random_params(cfg, seed=3)
+    table = rate_table(cfg, allocation_steps(cfg, 128, default_steps(cfg)))
+    q = uq.quantize(cfg, params, None, method="rtn", bits=4, group_size=128, table=table)
+    packed = [(path, leaf) for path, leaf in named_leaves(q) if qarray.is_qarray(leaf)]
+    assert len(packed) == 2 * 7 + 2  # q, k, v, o, gate, up, down of both layers; the embedding and the untied head
+    for path, leaf in packed:
+        w = np.asarray(dict(named_leaves(params))[path], np.float32)
+        deq = np.asarray(qarray.dequantize(leaf), np.float32)
+        scale = np.repeat(np.asarray(leaf.scales, np.float32), leaf.group_size, axis=leaf.axis)
+        inside = np.abs(w) <= 7 * scale  # codes -8..7: beyond +7 steps a value is clipped
+        assert np.all(np.abs(w - deq)[inside] <= scale[inside] / 2 * (1 + 1e-3) + 1e-7), path
+
+
+def test_quantize_without_table_then_prune_says_what_to_pass():
+    """The API trap of issue 18: groups chosen without the table need not divide a pruned size;
+    prune then names the fix, and passing the table makes every stored rate slice whole groups."""
+    cfg = small_config("llama")
+    params = random_params(cfg, seed=3)
+    table = rate_table(cfg, allocation_steps(cfg, 128, default_steps(cfg)))
+    rate = RATES[-1]
+    loose = uq.quantize(cfg, params, None, method="rtn", bits=4, group_size=128)
+    with pytest.raises(ValueError, match=r"uq\.quantize\(\.\.\., table=table\)"):
+        uq.prune(cfg, loose, rate, table)
+    fitted = uq.quantize(cfg, params, None, method="rtn", bits=4, group_size=128, table=table)
+    uq.prune(cfg, fitted, rate, table)

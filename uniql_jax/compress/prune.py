@@ -16,15 +16,9 @@ import jax
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.stacks import init_params
-from uniql_jax.quant import qarray
+from uniql_jax.quant import bcq, qarray
 
-PACKED_SLICERS = {qarray.QArray: qarray.slice_leading}
-try:  # binary-coding weights of the UniQuan quantizer
-    from uniql_jax.quant import bcq
-
-    PACKED_SLICERS[bcq.BCQArray] = bcq.slice_leading
-except (ImportError, AttributeError):  # pragma: no cover - during bring-up only
-    pass
+PACKED_SLICERS = {qarray.QArray: qarray.slice_leading, bcq.BCQArray: bcq.slice_leading}
 
 
 def is_packed(x) -> bool:
@@ -39,7 +33,15 @@ def slice_box(leaf, shape: tuple[int, ...]):
         raise ValueError(f"cannot slice an array of shape {tuple(leaf.shape)} to {tuple(shape)}")
     if is_packed(leaf):
         for axis, n in enumerate(shape):
-            leaf = PACKED_SLICERS[type(leaf)](leaf, axis, n)
+            try:
+                leaf = PACKED_SLICERS[type(leaf)](leaf, axis, n)
+            except ValueError as e:
+                if axis != leaf.axis:
+                    raise
+                raise ValueError(
+                    f"{e}; this weight was quantized in groups the pruned size does not divide: pass the same "
+                    f"allocation table to quantize (uq.quantize(..., table=table)) so that every stored rate "
+                    f"keeps whole groups") from e
         return leaf
     return leaf[tuple(slice(0, n) for n in shape)]
 

@@ -161,6 +161,11 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
     t0 = time.perf_counter()
+    if method == "rtn":  # no Hessian: no calibration pass (`calib` is not read)
+        out, skipped = rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
+                                          quantize_embeddings=quantize_embeddings)
+        _log_done(method, bits, cfg, skipped, t0)
+        return out
     blocks = list(params["blocks"])
 
     skipped = []
@@ -196,7 +201,42 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
             out["lm_head"] = quantize_weight(params["lm_head"], hessian, method=method, bits=bits,
                                              group_size=group_size_for([D], group_size), n_contract=1, damp=damp,
                                              act_order=act_order)
+    _log_done(method, bits, cfg, skipped, t0)
+    return out
+
+
+def _log_done(method, bits, cfg, skipped, t0):
     if skipped:
         log.warning("kept in 16 bits (no group size divides their kept sizes): %s", ", ".join(skipped))
-    log.info("%s %d-bit quantization of %d blocks in %.1f s", method, bits, len(blocks), time.perf_counter() - t0)
-    return out
+    log.info("%s %d-bit quantization of %d blocks in %.1f s", method, bits, len(cfg.blocks), time.perf_counter() - t0)
+
+
+def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
+                       quantize_embeddings: bool = True) -> tuple[dict, list[str]]:
+    """(params, weights left in 16 bits): round-to-nearest needs no activations, so no calibration pass.
+
+    Every weight with a recorded product is packed along its last contraction axis, in
+    the group size ``group_size_for`` picks from the table's kept sizes (weights with
+    none stay float and are listed), embeddings per-row RTN, an untied head like a
+    linear. The same packed layout as GPTQ's. `params` may be abstract (traced under
+    ``jax.eval_shape``: the layout of a model too large to materialize).
+    """
+    blocks, skipped = [], []
+    for i, (blk, bp) in enumerate(zip(cfg.blocks, params["blocks"])):
+        new = dict(bp)
+        for name, n in sorted(linear_contractions(cfg, blk, bp).items()):
+            gs = group_size_for(kept_sizes(cfg, table, i, name, n - 1), group_size)
+            if gs is None:
+                skipped.append(f"block {i} {name}")
+                continue
+            new[name] = quantize_weight(bp[name], None, method="rtn", bits=bits, group_size=gs, n_contract=n,
+                                        damp=0.0, act_order=False)
+        blocks.append(new)
+    out = {**params, "blocks": blocks}
+    if quantize_embeddings:
+        gs = group_size_for([cfg.hidden_size], group_size)
+        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=bits, group_size=gs)
+        if not cfg.tie_word_embeddings:
+            out["lm_head"] = quantize_weight(params["lm_head"], None, method="rtn", bits=bits, group_size=gs,
+                                             n_contract=1, damp=0.0, act_order=False)
+    return out, skipped
