@@ -1,7 +1,11 @@
 """Compress a model once into an elastic checkpoint: convert -> sort -> allocate -> [finetune] -> quantize -> evaluate.
 
     python -m experiments.compress --arch nemotron_h            # the embedded tiny default
-    python -m experiments.compress --arch llama --model DIR --rates 0,0.15,0.25,0.35
+    python -m experiments.compress --model DIR_OR_GGUF --calib FILE --eval FILE --rates 0,0.15,0.25,0.35
+
+With --model, the arch is read from the checkpoint (config.json's model_type or the GGUF's
+architecture) and the data default to WikiText-2 (train for calibration, test for
+evaluation) through `datasets`; the embedded defaults calibrate on TinyStories.
 
 Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (API.md).
 Nothing is left in --out when a stage fails.
@@ -18,6 +22,7 @@ from experiments import common
 from uniql_jax.paths import user_path
 
 DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
+WIKITEXT2 = "Salesforce/wikitext:wikitext-2-raw-v1"  # the default data of --model (a dataset id)
 log = logging.getLogger("compress")
 
 
@@ -25,8 +30,10 @@ def build_parser():
     import uniql_jax as uq
 
     p = common.Parser(prog="python -m experiments.compress", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", required=True, choices=uq.ARCHS, help="model family of --model")
-    p.add_argument("--model", help="HF checkpoint folder or Hub id (default: the arch's embedded tiny model)")
+    p.add_argument("--arch", choices=uq.ARCHS,
+                   help="model family: picks the embedded tiny default model; with --model it is read from the "
+                        "checkpoint (an explicit --arch must agree)")
+    p.add_argument("--model", help="HF checkpoint folder, Hub id or .gguf file (default: the arch's embedded tiny model)")
     p.add_argument("--out", help="output folder (default: runs/<arch>-<timestamp>); refused if it exists")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quantizer", choices=("gptq", "uniquan", "rtn", "none"), default="gptq",
@@ -39,13 +46,15 @@ def build_parser():
     p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (default 0: no fine-tuning)")
     p.add_argument("--finetune-data", help="text or JSON-lines (Alpaca) file for fine-tuning (default: calibration text)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the LoRA adapters (default 1e-3)")
-    p.add_argument("--calib", help="calibration text file or dataset id (default: the TinyStories training part)")
+    p.add_argument("--calib", help="calibration text file or dataset id NAME[:CONFIG][@SPLIT] (default: the TinyStories "
+                                   f"training part; with --model {WIKITEXT2}@train)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window (default 256)")
     p.add_argument("--rates", default=DEFAULT_RATES, help=f"pruning-rate grid stored and evaluated (default {DEFAULT_RATES})")
     p.add_argument("--allocation", choices=("block_influence", "uniform"), default="block_influence",
                    help="layer-wise allocation of each global rate (default block_influence)")
-    p.add_argument("--eval", help="evaluation text file or dataset id (default: held-out TinyStories)")
+    p.add_argument("--eval", help="evaluation text file or dataset id (default: held-out TinyStories; with --model "
+                                  f"{WIKITEXT2}@test)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
     return p
 
@@ -67,14 +76,42 @@ def check_args(args):
         raise common.UsageError("--finetune-steps must be >= 0")
     if not args.finetune_lr > 0:
         raise common.UsageError(f"--finetune-lr must be positive, got {args.finetune_lr:g}")
+    if args.model is None and args.arch is None:
+        raise common.UsageError("pass --arch (an embedded default model) or --model (your checkpoint)")
     for name in ("model", "calib", "eval", "finetune_data"):  # local files: absolute where they enter
         value = getattr(args, name)
         if value and user_path(value).exists():
             setattr(args, name, str(user_path(value)))
+    if args.model is not None:
+        from converters import hf
+
+        arch = "llama" if args.model.endswith(".bin") else hf.arch_of(args.model)  # .bin: a llama2.c model
+        if args.arch is not None and args.arch != arch:
+            raise common.UsageError(f"--model {args.model} is a {arch} checkpoint, not {args.arch}")
+        args.arch = arch
     out = user_path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
     return rates, out
+
+
+def text_tokens(args, flag: str, tokenizer, split: str, part: str):
+    """Token stream of --calib / --eval. Default: a part of TinyStories for the embedded models; for a
+    real model (--model) WikiText-2's `split` through `datasets` (never silently TinyStories), or a
+    one-line error asking for the flag when it cannot be loaded."""
+    from uniql_jax import data
+
+    spec = getattr(args, flag)
+    if spec is None and args.model is not None:
+        spec = f"{WIKITEXT2}@{split}"
+        try:
+            tokens = common.token_source(spec, tokenizer, part)
+        except data.DataError as e:
+            raise common.UsageError(f"no --{flag} given and its default {spec} cannot be loaded ({e}); "
+                                    f"pass --{flag} TEXT_FILE_OR_DATASET") from e
+        setattr(args, flag, spec)
+        return tokens
+    return common.token_source(spec, tokenizer, part)
 
 
 def run(argv=None) -> Path:
@@ -93,8 +130,8 @@ def run(argv=None) -> Path:
     timer = common.Timer(log.info)
     with timer.stage("convert"):
         cfg, params, tokenizer, source = common.load_model(args.arch, args.model)
-        calib_stream = common.token_source(args.calib, tokenizer, "train")
-        eval_tokens = common.token_source(args.eval, tokenizer, "heldout")
+        calib_stream = text_tokens(args, "calib", tokenizer, "train", "train")
+        eval_tokens = text_tokens(args, "eval", tokenizer, "test", "heldout")
         calib = data.calibration_windows(calib_stream, args.calib_samples, args.seq_len, seed=args.seed)
     log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
              source, cfg.arch, param_count(cfg), len(calib), args.seq_len, len(eval_tokens))

@@ -213,3 +213,26 @@ def test_evaluate_rate_out_of_range(tiny_run):
 def test_generate_rate_not_in_table_names_the_nearest(tiny_run):
     proc = run_cli("experiments.generate", "--ckpt", str(tiny_run), "--rate", "0.32", "--prompt", "Once")
     assert_one_line_error(proc, "rate 0.32 is not stored", "stored: 0, 0.15, 0.25, 0.35", "(0.35)")
+
+
+# --- a real model (--model): the arch comes from the checkpoint, the data never silently default to TinyStories
+
+
+def test_neither_arch_nor_model(tmp_path):
+    proc = run_cli("experiments.compress", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "--arch", "--model")
+
+
+def test_arch_read_from_a_gguf_file_and_an_explicit_one_must_agree(tmp_path, shared_data):
+    gguf = shared_data / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    proc = run_cli("experiments.compress", "--model", str(gguf), "--arch", "mamba2", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "llama checkpoint, not mamba2")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_without_calibration_data_offline_asks_for_calib(tmp_path):
+    """Offline and not cached, the WikiText-2 default of --model cannot load: one line naming --calib."""
+    proc = run_cli("experiments.compress", "--model", "experiments/defaults/llama", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "no --calib given", "wikitext", "pass --calib")
+    assert not (tmp_path / "o").exists()
+    assert_no_hidden_siblings(tmp_path)

@@ -182,6 +182,10 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size
     if quantize_embeddings and not cfg.tie_word_embeddings:
         if head_steps is None:
             head_steps = steps if 4 * x_fp.shape[0] * x_fp.shape[1] * cfg.vocab_size <= HEAD_LOGITS_BUDGET else 0
+            if head_steps == 0 and steps:
+                log.warning("lm_head: %d x %d x %d float32 logits exceed the %d MiB reconstruction budget; the head "
+                            "is BCQ-quantized with the unified initialization only (no reconstruction steps)",
+                            x_fp.shape[0], x_fp.shape[1], cfg.vocab_size, HEAD_LOGITS_BUDGET >> 20)
         out["lm_head"] = _quantize_head(cfg, params, x_fp, x_q, group_size=group_size_for([D], group_size),
                                         steps=head_steps, seed=seed + len(blocks), **train)
     if skipped:
