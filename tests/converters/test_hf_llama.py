@@ -11,6 +11,7 @@ import transformers
 
 import uniql_jax as uq
 from converters import hf
+from tests.helpers import edit_config, hf_logits, max_rel_err, randomize_extras_, rewrite_weights
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -33,20 +34,7 @@ def tiny_hf_model(model_type, seed=0, **kw):
     base.update(kw)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**base), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
-    return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
-def max_rel_err(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    return randomize_extras_(model, seed)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -133,19 +121,16 @@ def saved(tmp_path):
     return tmp_path
 
 
-def edit_config(folder, **changes):
-    raw = json.loads((folder / "config.json").read_text())
-    raw.update(changes)
-    (folder / "config.json").write_text(json.dumps(raw))
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(pretraining_tp=2), "pretraining_tp"),
-    (dict(some_new_knob=3), "some_new_knob"),
+    (dict(rope_interleaved=True), "rope_interleaved=True"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn"),
     (dict(model_type="gpt2"), "gpt2"),
+    (dict(model_type="qwen2", use_mrope=True), "use_mrope=True"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1), "sliding-window"),
+    (dict(model_type="qwen2", layer_types=["full_attention", "sliding_attention"]), "sliding-window"),
 ])
 def test_unhandled_config_attribute_raises(saved, change, message):
     edit_config(saved, **change)
@@ -153,12 +138,34 @@ def test_unhandled_config_attribute_raises(saved, change, message):
         hf.load(saved)
 
 
-def rewrite_weights(folder, edit):
-    from safetensors.numpy import load_file, save_file
+def test_attribute_transformers_does_not_define_is_accepted_and_logged(saved, caplog):
+    """transformers keeps such an attribute as an unused extra, so it cannot change the forward."""
+    ref = hf.load(saved)[1]
+    edit_config(saved, some_new_knob=3, is_llama_config=True)
+    with caplog.at_level("INFO", logger="converters.hf"):
+        got = hf.load(saved)[1]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+    raw = json.loads((saved / "config.json").read_text())
+    reader = hf.ConfigReader(raw, "config.json", "llama")
+    hf.mapping_for("llama").config_from_hf(reader, "llama")
+    reader.finish()
+    assert reader.ignored == ["is_llama_config", "some_new_knob"]
 
-    tensors = load_file(folder / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+def test_attribute_transformers_defines_must_be_consumed():
+    """A LlamaConfig attribute the mapping did not read (here: hidden_act, skipped on purpose) raises
+    naming attribute and value, and every LlamaConfig attribute is classified by the llama mapping."""
+    raw = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                   num_attention_heads=4).to_dict()
+    reader = hf.ConfigReader(raw, "config.json", "llama")
+    hf.mapping_for("llama").config_from_hf(reader, "llama")
+    reader.finish()  # the full to_dict() of transformers' class: nothing left over
+    reader.used.discard("hidden_act")
+    with pytest.raises(hf.CheckpointError, match=r"unsupported attribute\(s\) hidden_act='silu' .*LlamaConfig"):
+        reader.finish()
+    _, defined = hf.transformers_attributes("llama")
+    assert {"hidden_act", "rope_parameters", "rope_theta", "rope_scaling", "head_dim"} <= defined
+    assert "is_llama_config" not in defined
 
 
 def test_missing_unexpected_and_misshapen_tensors_raise(saved):

@@ -16,7 +16,7 @@ import uniql_jax as uq
 from converters import hf
 from uniql_jax.config import Mamba2Block
 
-from test_hf_llama import edit_config, hf_logits, max_rel_err, rewrite_weights  # same folder, shared helpers
+from tests.helpers import edit_config, hf_logits, max_rel_err, randomize_extras_, rewrite_weights
 
 M, A, F = "linear_attention", "full_attention", "mlp"
 BASE = {
@@ -51,18 +51,7 @@ def tiny_hf_model(arch, seed=0, **kw):
     torch.manual_seed(seed)
     config = CONFIG_CLASSES[arch](**{**BASE[arch], **kw})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif leaf == "D" or name.endswith("conv1d.bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif leaf == "dt_bias":
-                p.copy_(torch.rand_like(p) * 4.5 - 4.0)
-            elif leaf == "A_log":
-                p.copy_(torch.rand_like(p) * 2.5 - 1.0)
-    return model
+    return randomize_extras_(model, seed)
 
 
 def tokens_for(cfg, seed=1, T=12):
@@ -167,7 +156,11 @@ def copy_of(saved_models, tmp_path):
     ("mamba2", dict(expand=3), "expand"),  # hidden*expand != heads*head_dim: inconsistent
     ("mamba2", dict(n_groups=3), "n_groups=3"),  # 4 heads cannot form 3 groups
     ("mamba2", dict(time_step_limit=[0.5, 0.1]), "time_step_limit"),
-    ("mamba2", dict(some_new_knob=1), "some_new_knob"),
+    ("mamba2", dict(rms_norm=False), "rms_norm=False"),
+    ("mamba2", dict(intermediate_size=48), "intermediate_size=48"),
+    ("nemotron_h", dict(attention_head_dim=8), "attention_head_dim=8"),
+    ("nemotron_h", dict(rms_norm_eps=1e-6), "rms_norm_eps=1e-06"),
+    ("bamba", dict(attn_rotary_emb=8), "attn_rotary_emb=8"),
     ("nemotron_h", dict(layers_block_type=[M, "moe", F]), "mixture-of-experts.*not supported"),
     ("nemotron_h", dict(mlp_hidden_act="silu"), "mlp_hidden_act"),
     ("nemotron_h", dict(num_nextn_predict_layers=1), "num_nextn_predict_layers"),
