@@ -2,8 +2,9 @@
 
     python -m experiments.evaluate --ckpt runs/llama-.../ [--rates 0,0.25] [--eval FILE] [--seq-len 256] [--json]
 
-The full-rank model is read once; each rate is sliced in memory and evaluated with
-one compiled program per distinct model shape (the compile count is reported).
+The full-rank model is read once; each rate is sliced in memory and evaluated block by
+block, one compiled program per distinct block shape shared by all rates (the compile
+count is reported).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run(argv=None):
     common.setup_logging()
     from uniql_jax import checkpoint
     from uniql_jax.compress.allocate import param_count
-    from uniql_jax.eval import window_nll, perplexity
+    from uniql_jax.eval import blockwise_nll, perplexity
     from uniql_jax.quant.qarray import deployed_bytes
 
     run_dir, ckpt = checkpoint_dir(args.ckpt)
@@ -61,14 +62,14 @@ def run(argv=None):
     eval_spec = args.eval or info.meta.get("eval_source")
     tokens = common.token_source(eval_spec, tokenizer, "heldout")
     model = checkpoint.ElasticModel.from_checkpoint(ckpt)
-    before = window_nll._cache_size()
+    before = blockwise_nll.compiles()
     rows = []
     for r in rates:
         cfg, params = model.set_rate(r)
         ppl = perplexity(cfg, params, tokens, seq_len=seq_len, batch_size=args.batch_size)
         rows.append({"rate": r, "ppl": ppl, "params": param_count(cfg), "param_bytes": deployed_bytes(params)})
         log.info("rate %.2f: perplexity %.4f", r, ppl)
-    compiles = window_nll._cache_size() - before
+    compiles = blockwise_nll.compiles() - before
     log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.inference import forward
+from uniql_jax.models.layers import rms_norm
+from uniql_jax.models.stacks import bind_block, block_key, embed_lookup, head_logits
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -43,13 +45,81 @@ def windows(tokens, seq_len: int) -> np.ndarray:
     return tokens[: n * seq_len].reshape(n, seq_len).astype(np.int32)
 
 
+def _next_token_nll_sums(logits_BxTxV, batch_BxT):
+    """Summed NLL (float32) of each window's tokens 2..T under logits of positions 1..T-1 -> [B]."""
+    logits = logits_BxTxV[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    target = jnp.take_along_axis(logits, batch_BxT[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("impl",))
 def window_nll(cfg: ModelConfig, params, batch, *, impl="xla", masks=None):
-    """Summed next-token NLL (float32) of each window int32 [B, T] -> [B]: predictions of tokens 2..T."""
-    logits = forward(cfg, params, batch, impl=impl, masks=masks)[:, :-1].astype(jnp.float32)  # [B, T-1, V]
-    target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target
-    return jnp.sum(nll, axis=-1)
+    """Summed next-token NLL (float32) of each window int32 [B, T] -> [B]: predictions of tokens 2..T.
+
+    One program for the whole model (differentiable; fine-tuning's loss). Perplexity runs
+    block by block instead (`BlockwiseNLL`)."""
+    return _next_token_nll_sums(forward(cfg, params, batch, impl=impl, masks=masks), batch)
+
+
+class BlockwiseNLL:
+    """`window_nll` as a chain of small programs: embedding, each block, then norm + head + NLL.
+
+    A whole-model program is compiled per model shape, and every pruning rate is a
+    new shape: a 30-layer model over a grid of 8 rates compiled 8 deep programs.
+    Here a block's program depends only on its own sizes (``stacks.block_key``), so
+    it serves every layer, rate and model with those sizes; a rate grid compiles
+    one program per distinct block shape, plus the embedding and the head. The
+    residual stream stays on the device between programs. ``programs`` counts the
+    compiled programs (``compiles()``).
+    """
+
+    def __init__(self):
+        self._blocks: dict = {}
+        self._ends: dict = {}
+
+    def _block(self, cfg, blk, impl):
+        key = block_key(cfg, blk) + (impl,)
+        if key not in self._blocks:
+            geometry, small = key[:2]
+
+            def run(block_params, x_BxTxD, mask):
+                B, T = x_BxTxD.shape[:2]
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                update, _ = bind_block(geometry, small, block_params)(x_BxTxD, positions, None, mask, impl)
+                return x_BxTxD + update
+
+            self._blocks[key] = jax.jit(run)
+        return self._blocks[key]
+
+    def _end(self, cfg, impl):
+        key = (cfg.with_blocks(()), impl)
+        if key not in self._ends:
+            geometry = key[0]
+
+            def embed(table, final_norm, batch_BxT):
+                return embed_lookup(table, batch_BxT, final_norm.dtype)  # the compute dtype (norms stay float)
+
+            def head_nll(table, lm_head, final_norm, x_BxTxD, batch_BxT):
+                h = rms_norm(x_BxTxD, final_norm, geometry.rms_norm_eps)
+                return _next_token_nll_sums(head_logits(geometry, table, lm_head, h, impl), batch_BxT)
+
+            self._ends[key] = (jax.jit(embed), jax.jit(head_nll))
+        return self._ends[key]
+
+    def __call__(self, cfg: ModelConfig, params, batch_BxT, *, impl="xla", masks=None):
+        embed, head_nll = self._end(cfg, impl)
+        x = embed(params["embed"], params["final_norm"], batch_BxT)
+        for i, blk in enumerate(cfg.blocks):
+            x = self._block(cfg, blk, impl)(params["blocks"][i], x, None if masks is None else masks[i])
+        return head_nll(params["embed"], params.get("lm_head"), params["final_norm"], x, batch_BxT)
+
+    def compiles(self) -> int:
+        """Programs compiled so far (each jitted function's cache entries)."""
+        fns = list(self._blocks.values()) + [f for pair in self._ends.values() for f in pair]
+        return sum(f._cache_size() for f in fns)
+
+
+blockwise_nll = BlockwiseNLL()  # one process-wide cache of block programs
 
 
 def window_nll_sums(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_size: int = 4, impl: str = "xla",
@@ -79,7 +149,7 @@ def window_nll_sums(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_siz
     sums = []
     for s in steps:
         batch = jax.device_put(padded[s:s + per_step], batch_sharding)
-        sums.append(window_nll(cfg, params, batch, impl=impl, masks=masks))  # async: host waits only at the end
+        sums.append(blockwise_nll(cfg, params, batch, impl=impl, masks=masks))  # async: host waits only at the end
     return np.concatenate([np.asarray(x) for x in sums])[:n]
 
 

@@ -19,7 +19,6 @@ the device count). After a block's batches the driver calls
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Callable
@@ -27,26 +26,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from uniql_jax.config import BlockConfig, ModelConfig
 from uniql_jax.eval import data_mesh
-from uniql_jax.models.stacks import BLOCK_MODULES, embed_lookup
+from uniql_jax.models.stacks import bind_block, block_key, embed_lookup  # noqa: F401 (bind_block: re-export)
 
 F32 = jnp.float32
-
-
-@functools.lru_cache(maxsize=256)
-def block_graphdef(cfg: ModelConfig, blk: BlockConfig):
-    """The NNX graph of one block of `cfg` (abstract: nothing materialized)."""
-    module = nnx.eval_shape(lambda: BLOCK_MODULES[blk.kind](cfg, blk, rngs=nnx.Rngs(0)))
-    return nnx.split(module)[0]
-
-
-def bind_block(cfg: ModelConfig, blk: BlockConfig, block_params: dict):
-    """A block module whose weights are `block_params` (one entry of params["blocks"])."""
-    return nnx.merge(block_graphdef(cfg, blk), block_params)
 
 
 def no_stats(cfg, blk, module, x_BxTxD, positions_BxT, w_B):
@@ -128,8 +114,8 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
     for i, blk in blocks:
         t_block = time.perf_counter()
         collect = collectors.get(blk.kind, no_stats)
-        # modules never read the layer index: one compiled step serves all blocks of equal sizes
-        step = _block_step(cfg, dataclasses.replace(blk, layer=0), collect, mesh)
+        # one compiled step serves all blocks of equal sizes (block_key)
+        step = _block_step(*block_key(cfg, blk), collect, mesh)
         block_params = jax.device_put(as_float32(params["blocks"][i]), rep_sharding)
         stats = None
         x_in = x_NxTxD.copy() if on_block is not None else None
@@ -146,7 +132,7 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
         replaced = on_block(i, blk, jax.device_get(stats)) if on_block is not None else None
         timings["on_block"] += time.perf_counter() - t_visit
         if replaced is not None:
-            propagate = _block_step(cfg, dataclasses.replace(blk, layer=0), no_stats, mesh)
+            propagate = _block_step(*block_key(cfg, blk), no_stats, mesh)
             new_params = jax.device_put(as_float32(replaced), rep_sharding)
             for s in range(0, len(x_in), per_step):
                 x = jax.device_put(x_in[s:s + per_step], data_sharding)

@@ -10,13 +10,14 @@ Parameters as a pytree (``params``): ``{"embed": [V, D], "blocks": [ {..}, ..],
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uniql_jax.config import ModelConfig
+from uniql_jax.config import BlockConfig, ModelConfig
 from uniql_jax.models.attention import Attention
 from uniql_jax.models.mamba2 import Mamba2
 from uniql_jax.models.layers import dense_init, rms_norm, wdot, weight
@@ -63,15 +64,35 @@ class CausalLM(nnx.Module):
 
     def logits(self, h, impl="xla"):
         """Float32 logits [B, T, V] of final hidden states h [B, T, D]."""
-        if self.cfg.tie_word_embeddings:
-            head = weight(self.embed.get_value(), h.dtype).T
-        else:
-            head = self.lm_head.get_value()
-        return wdot("btd,dv->btv", h, head, impl).astype(jnp.float32)
+        head = None if self.cfg.tie_word_embeddings else self.lm_head.get_value()
+        return head_logits(self.cfg, self.embed.get_value(), head, h, impl)
 
     def __call__(self, tokens, positions, cache=None, masks=None, impl="xla"):
         h, cache = self.hidden(tokens, positions, cache, masks, impl)
         return self.logits(h, impl), cache
+
+
+def head_logits(cfg: ModelConfig, embed, lm_head, h_BxTxD, impl="xla"):
+    """Float32 logits [B, T, V] of final hidden states: the tied embedding [V, D] or lm_head [D, V]."""
+    head = weight(embed, h_BxTxD.dtype).T if cfg.tie_word_embeddings else lm_head
+    return wdot("btd,dv->btv", h_BxTxD, head, impl).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=512)
+def _block_graphdef(geometry: ModelConfig, blk: BlockConfig):
+    module = nnx.eval_shape(lambda: BLOCK_MODULES[blk.kind](geometry, blk, rngs=nnx.Rngs(0)))
+    return nnx.split(module)[0]
+
+
+def block_key(cfg: ModelConfig, blk: BlockConfig) -> tuple[ModelConfig, BlockConfig]:
+    """What a block module depends on: the model's geometry (no per-layer sizes) and its own sizes
+    (not its layer index). Blocks with equal keys, in any layer, rate or model, share one program."""
+    return cfg.with_blocks(()), dataclasses.replace(blk, layer=0)
+
+
+def bind_block(cfg: ModelConfig, blk: BlockConfig, block_params: dict):
+    """A block module whose weights are `block_params` (one entry of params["blocks"])."""
+    return nnx.merge(_block_graphdef(*block_key(cfg, blk)), block_params)
 
 
 @functools.lru_cache(maxsize=64)
