@@ -18,7 +18,7 @@ import uniql_jax as uq
 from converters import gguf as gguf_reader
 from converters import hf
 from tests.conftest import SHARED_DATA
-from tests.helpers import hf_logits, max_rel_err
+from tests.helpers import hf_logits, max_rel_err, randomize_extras_
 
 GGUF = SHARED_DATA / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -129,3 +129,55 @@ def test_gguf_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(hf.CheckpointError, match="unsupported model_type 'gpt2'"):
         hf.arch_of(tmp_path)
+
+
+def write_gguf(path, model, arch):
+    """A tiny transformers Llama / Qwen2 written as llama.cpp's converter would (float32 tensors; for
+    llama, q/k rows permuted by its formula)."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_vocab_size(c.vocab_size)
+    top = {v: k for k, v in gguf_reader.TOP_TENSORS.items()}
+    layer = {v: k for k, v in gguf_reader.LAYER_TENSORS.items()}
+    for name, t in model.state_dict().items():
+        w = t.numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}." + layer[rest]
+            n = c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads
+            if arch == "llama" and ("q_proj" in rest or "k_proj" in rest):
+                w = w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        elif name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        else:
+            gname = top[name]
+        writer.add_tensor(gname, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True)])
+def test_gguf_written_from_a_tiny_model_matches_it(tmp_path, arch, tied):
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    config = config_cls(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, tie_word_embeddings=tied, rms_norm_eps=1e-6, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = randomize_extras_(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
+    write_gguf(tmp_path / "tiny.gguf", model, arch)
+    assert hf.arch_of(tmp_path / "tiny.gguf") == arch
+    cfg, params = hf.load(tmp_path / "tiny.gguf")
+    assert (cfg.arch, cfg.tie_word_embeddings, cfg.attention_bias) == (arch, tied, arch == "qwen2")
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
+    assert max_rel_err(np.asarray(uq.forward(cfg, params, jnp.asarray(tokens))), hf_logits(model, tokens)) <= 1e-5

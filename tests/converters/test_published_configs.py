@@ -213,8 +213,11 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
     torch.manual_seed(0)
     model = randomize_extras_(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
     model.save_pretrained(tmp_path)
+    # transformers' own re-serialization (every attribute its class defines, legacy keys converted)
+    cfg_resaved = hf.config_from_hf(json.loads((tmp_path / "config.json").read_text()), "resaved config.json")
     write_config(tmp_path, raw)  # the published dict back, verbatim
     cfg, params = hf.load(tmp_path)
+    assert cfg == cfg_resaved
     assert cfg.arch == hf.arch_of(tmp_path) == raw["model_type"]
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
     ours = np.asarray(uq.forward(cfg, params, jnp.asarray(tokens)))
