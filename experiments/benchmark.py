@@ -5,11 +5,14 @@
 
 Random weights of the real shapes (no download): a W4 model is round-to-nearest
 quantized (speed does not depend on the values), pruned through a uniform rate
-table. Per variant: prefill time, time per output token and tokens/s of a fully
-compiled decode loop (``uq.generate``: prefill + ``lax.scan`` over cached steps,
-cache preallocated), peak device memory where the backend reports it, with the
-XLA path and with the Pallas kernels. The card's copy bandwidth and bf16 matmul
-rate are measured first. JSON goes to benchmarks/<device>-decode.json.
+table rounded to the allocation steps `compress` uses. Per variant: prefill time,
+time per output token and tokens/s of a fully compiled decode loop (``uq.generate``:
+prefill + ``lax.scan`` over cached steps, cache preallocated), trace/lower and compile
+time of each program apart from its run time, XLA's memory analysis of the program and
+the process's peak device memory where the backend reports it, with the XLA path and
+with the Pallas kernels. The card's copy bandwidth and bf16 matmul rate are measured
+first. JSON goes to benchmarks/<device>-decode.json. `benchmarks.gpu_suite` calls the
+functions of this module (one budgeted GPU run of everything).
 """
 
 from __future__ import annotations
@@ -69,42 +72,51 @@ def shape_config(arch: str, shape: str):
     return ModelConfig(arch=arch, blocks=tuple(blocks), **extra, **kw)
 
 
-def uniform_table(cfg, rates, step: int = 8):
-    """{rate: per-block sizes} keeping (1 - rate) of every prunable dim, in multiples of `step`."""
+def uniform_table(cfg, rates, group_size: int = 128, steps: dict | None = None):
+    """{rate: per-block sizes} keeping (1 - rate) of every prunable dim, rounded to the steps a
+    real compression allocates with (``allocation_steps`` over ``default_steps``: e.g. at
+    Llama-3.1-8B the MLP width in multiples of 128), so that the benchmarked layouts are ones
+    ``compress`` produces and every kept input axis is whole quantization groups."""
     import dataclasses
 
-    def keep(full, r):
-        if full == 0 or r == 0:
-            return full
-        return max(step, int(round((1 - r) * full / step)) * step) if full >= step else full
+    from uniql_jax.compress.allocate import default_steps, round_kept
+    from uniql_jax.quant.quantize import allocation_steps
 
+    steps = steps or allocation_steps(cfg, group_size, default_steps(cfg))
     fields = {"attention": ("qk_pairs", "qk_pass", "vo_rank"), "mlp": ("width",), "mamba2": ("d_state", "head_dim")}
-    return {r: tuple(dataclasses.replace(b, **{f: keep(getattr(b, f), r) for f in fields[b.kind]}) for b in cfg.blocks)
+    return {r: tuple(dataclasses.replace(b, **{f: round_kept(getattr(b, f), 1 - r, steps[f]) for f in fields[b.kind]})
+                     for b in cfg.blocks)
             for r in rates}
 
 
 def quantize_rtn_tree(cfg, params, group_size: int, table: dict):
-    """W4 round-to-nearest of every linear weight (along its last contraction axis), embeddings per row."""
+    """W4 round-to-nearest of every linear weight (along its last contraction axis), embeddings per row.
+
+    One jitted quantizer per distinct weight shape (a few compiles, not one per op and layer).
+    Traceable: ``jax.eval_shape`` of it gives the W4 layout over abstract params.
+    """
+    import functools
+
     import jax
 
     from uniql_jax.quant import quantize as qz, rtn
 
+    rtn_weight = jax.jit(functools.partial(qz.quantize_weight, method="rtn", bits=4, damp=0.0, act_order=False),
+                         static_argnames=("group_size", "n_contract"))
     blocks = []
     for i, (blk, p) in enumerate(zip(cfg.blocks, params["blocks"])):
         new = dict(p)
         for name, n in qz.linear_contractions(cfg, blk, p).items():
             gs = qz.group_size_for(qz.kept_sizes(cfg, table, i, name, n - 1), group_size)
             if gs:
-                new[name] = qz.quantize_weight(p[name], None, method="rtn", bits=4, group_size=gs, n_contract=n,
-                                               damp=0.0, act_order=False)
+                new[name] = rtn_weight(p[name], None, group_size=gs, n_contract=n)
         blocks.append(new)
     out = {**params, "blocks": blocks}
-    out["embed"] = rtn.rtn_quantize_embedding(params["embed"], bits=4, group_size=qz.group_size_for([cfg.hidden_size], group_size))
+    head_gs = qz.group_size_for([cfg.hidden_size], group_size)
+    out["embed"] = jax.jit(functools.partial(rtn.rtn_quantize_embedding, bits=4, group_size=head_gs))(params["embed"])
     if "lm_head" in params:
-        out["lm_head"] = qz.quantize_weight(params["lm_head"], None, method="rtn", bits=4,
-                                            group_size=qz.group_size_for([cfg.hidden_size], group_size), n_contract=1,
-                                            damp=0.0, act_order=False)
-    return jax.block_until_ready(out)
+        out["lm_head"] = rtn_weight(params["lm_head"], None, group_size=head_gs, n_contract=1)
+    return out
 
 
 def timed(fn, *args, repeats: int = 3):
@@ -120,15 +132,17 @@ def timed(fn, *args, repeats: int = 3):
     return sorted(times)[len(times) // 2]
 
 
-def device_probe(size_mb: int):
-    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) of the default device."""
+def device_probe(size_mb: int, matmul_n: int | None = None):
+    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) of the default device.
+
+    matmul_n: side of the square bf16 product (default 8192, 2048 on CPU)."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((size_mb * (1 << 20) // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
     t = timed(copy, x)
-    n = 2048 if jax.default_backend() == "cpu" else 8192
+    n = matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), jnp.bfloat16)
     mm = jax.jit(lambda u, v: u @ v)
     t_mm = timed(mm, a, a)
@@ -143,16 +157,69 @@ def peak_memory():
     return stats.get("peak_bytes_in_use")
 
 
-def bench_variant(cfg, params, prompt, new_tokens, impl):
-    """Prefill = one compiled generate of a single token; per-token decode time from the
-    difference to a compiled generate of `new_tokens` (both whole compiled programs)."""
+def decode_programs(cfg, new_tokens: int, impl: str) -> dict:
+    """The two whole programs a variant is timed with, as functions of (params, prompt):
+    "full" generates `new_tokens` (``uq.generate``: cache preallocated, prefill, then a
+    `lax.scan` of cached steps); "prefill" is its first part alone (the same cache, the prompt
+    through ``uq.decode_step``, the first greedy token), so that full - prefill is the decode
+    steps and the prefill program compiles no decode loop."""
+    import jax.numpy as jnp
+
     import uniql_jax as uq
 
-    one = timed(lambda p, t: uq.generate(cfg, p, t, 1, impl=impl), params, prompt)
-    full = timed(lambda p, t: uq.generate(cfg, p, t, new_tokens, impl=impl), params, prompt)
+    def prefill(params, prompt):
+        cache = uq.init_cache(cfg, prompt.shape[0], prompt.shape[1] + new_tokens, params["final_norm"].dtype)
+        logits, _ = uq.decode_step(cfg, params, prompt, cache, impl=impl)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    return {"prefill": prefill, "full": lambda p, t: uq.generate(cfg, p, t, new_tokens, impl=impl)}
+
+
+def compile_timed(fn, *args, compiler_options=None):
+    """(compiled, {"lower_s", "compile_s"}) of ``jax.jit(fn)`` at `args` (arrays or
+    ``jax.ShapeDtypeStruct``s): tracing + lowering to StableHLO, then XLA's compile, timed apart."""
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    return compiled, {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+
+
+def program_bytes(compiled) -> dict | None:
+    """XLA's memory analysis of a compiled program (arguments, outputs, temporaries), or None
+    where the backend gives none. arguments + outputs + temporaries - aliased is the program's
+    own peak: a per-variant figure, unlike the process-wide `peak_memory`."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - optional backend feature
+        return None
+    if m is None:
+        return None
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "temp", "alias", "generated_code")}
+    out["peak_estimate"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def bench_variant(cfg, params, prompt, new_tokens, impl, *, repeats: int = 3, compiler_options=None):
+    """Prefill = the compiled prefill program; per-token decode time from the difference to a
+    compiled generate of `new_tokens` (both whole programs, see `decode_programs`).
+    Compilation is timed apart from running (``lower_s`` / ``compile_s`` per program, then the
+    first run as warm-up), and the full program's memory analysis is reported."""
+    result = {}
+    for name, fn in decode_programs(cfg, new_tokens, impl).items():
+        compiled, times = compile_timed(fn, params, prompt, compiler_options=compiler_options)
+        result[name] = dict(times, run_s=timed(compiled, params, prompt, repeats=repeats),
+                            program_bytes=program_bytes(compiled))
+    one, full = result["prefill"]["run_s"], result["full"]["run_s"]
     per_token = max(full - one, 1e-9) / (new_tokens - 1)
     return {"prefill_s": one, "total_s": full, "ms_per_output_token": 1e3 * per_token,
-            "tokens_per_s": 1.0 / per_token, "peak_bytes": peak_memory()}
+            "tokens_per_s": 1.0 / per_token, "peak_bytes": peak_memory(),
+            "lower_s": {k: v["lower_s"] for k, v in result.items()},
+            "compile_s": {k: v["compile_s"] for k, v in result.items()},
+            "program_bytes": result["full"]["program_bytes"]}
 
 
 def build_parser():
@@ -199,9 +266,9 @@ def run(argv=None):
               "probe": device_probe(args.probe_mb), "variants": []}
     params = jax.jit(lambda: uq.init_params(cfg, 0, jnp.bfloat16))()
     prompt = jnp.asarray(jax.random.randint(jax.random.PRNGKey(0), (1, args.prompt_len), 0, cfg.vocab_size), jnp.int32)
-    table = uniform_table(cfg, rates)
+    table = uniform_table(cfg, rates, args.group_size)
     variants = [("bf16", 0.0, cfg, params)]
-    w4 = quantize_rtn_tree(cfg, params, args.group_size, table)
+    w4 = jax.block_until_ready(quantize_rtn_tree(cfg, params, args.group_size, table))
     for r in rates:
         cfg_r, params_r = prune(cfg, w4, r, table) if r else (cfg, w4)
         variants.append(("w4", r, cfg_r, params_r))

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import on_gpu
+from pallas_kernels.common import dispatch_log, on_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
@@ -106,11 +106,9 @@ def parse_args(description: str, default_shapes, default_batches, small_shapes, 
     return args
 
 
-def write_report(op: str, args, rows: list[dict], notes: str = "") -> Path:
-    """benchmarks/<op>_<device>[_small].json with the rows and the run's context."""
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"{op}_{device_slug()}{'_small' if args.small else ''}.json"
-    report = {
+def report(op: str, args, rows: list[dict], notes: str = "") -> dict:
+    """The rows and the run's context, as `write_report` stores them."""
+    return {
         "op": op,
         "device": device_kind(),
         "backend": jax.default_backend(),
@@ -122,7 +120,13 @@ def write_report(op: str, args, rows: list[dict], notes: str = "") -> Path:
         "notes": notes + (" Interpret mode on CPU: timings are not kernel performance." if args.interpret else ""),
         "rows": rows,
     }
-    path.write_text(json.dumps(report, indent=1))
+
+
+def write_report(op: str, args, rows: list[dict], notes: str = "") -> Path:
+    """benchmarks/<op>_<device>[_small].json with the rows and the run's context."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{op}_{device_slug()}{'_small' if args.small else ''}.json"
+    path.write_text(json.dumps(report(op, args, rows, notes), indent=1))
     return path
 
 
@@ -149,6 +153,9 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
     make_weight(key, kin, n) -> packed weight (Kin, N); kernels: {path name: select(batch) ->
     fn(x, w) or None (path not run at this batch)}; dequant_dot(x, w): the XLA
     dequantize-then-dot baseline. The bf16 dot baseline multiplies x by the dequantized weight.
+    Each row's `ran` holds `common.dispatch_log` counts of the timed program's trace: a
+    kernel reached through its dispatcher shows "<op>/pallas" there, a silent fallback
+    "<op>/fallback".
     """
     from uniql_jax.models.layers import weight as dense_weight  # dequantize any packed format
 
@@ -177,7 +184,8 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
                 fn = select(batch)
                 if fn is None:
                     continue
-                t, got = time_calls(fn, packed_sets, repeats=args.repeats)
+                with dispatch_log() as log:  # which implementation the timed calls ran
+                    t, got = time_calls(fn, packed_sets, repeats=args.repeats)
                 err = max_rel_err(got, want)  # first call: xs[0] @ weights[0] in both
                 moved = w_bytes + x_bytes + y_bytes
                 rows.append(dict(
@@ -185,7 +193,7 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
                     kernel_us=t * 1e6, bf16_dot_us=t_dense * 1e6, dequant_dot_us=t_deq * 1e6,
                     kernel_GBps=moved / t / 1e9, bf16_dot_GBps=(dense_bytes + x_bytes + y_bytes) / t_dense / 1e9,
                     speedup_vs_bf16_dot=t_dense / t, speedup_vs_dequant_dot=t_deq / t,
-                    weight_MB=w_bytes / 1e6, max_rel_err_vs_reference=err,
+                    weight_MB=w_bytes / 1e6, max_rel_err_vs_reference=err, ran=dict(log.counts),
                 ))
                 print_rows(rows[-1:], MATMUL_COLUMNS, header=False)
     return rows

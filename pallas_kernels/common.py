@@ -13,6 +13,10 @@ rules shape every kernel:
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -28,9 +32,74 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+# Stack of `default_interpret` overrides (innermost last).
+_INTERPRET_DEFAULTS: list[bool] = []
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
-    """None -> interpret everywhere but on a GPU (Pallas cannot compile kernels for CPU)."""
-    return (not on_gpu()) if interpret is None else bool(interpret)
+    """None -> interpret everywhere but on a GPU (Pallas cannot compile kernels for CPU),
+    unless a `default_interpret` block says otherwise."""
+    if interpret is not None:
+        return bool(interpret)
+    if _INTERPRET_DEFAULTS:
+        return _INTERPRET_DEFAULTS[-1]
+    return not on_gpu()
+
+
+@contextlib.contextmanager
+def default_interpret(interpret: bool):
+    """Within the block, `interpret=None` means `interpret`. `default_interpret(False)` lets a
+    CPU host trace a whole model with the Triton lowering, for `jax.export(platforms=["cuda"])`
+    (the models' dispatch passes interpret=None)."""
+    _INTERPRET_DEFAULTS.append(bool(interpret))
+    try:
+        yield
+    finally:
+        _INTERPRET_DEFAULTS.pop()
+
+
+@dataclasses.dataclass(eq=False)  # identity: nested logs are removed by identity, not by equal counts
+class DispatchLog:
+    """What the dispatchers chose while a `dispatch_log` block was active.
+
+    counts: {"op/ran": calls}, ran = "pallas" (the kernel), "xla" (the reference was asked
+    for) or "fallback" (the kernel was asked for but cannot take the product; the reference
+    ran). Counted at trace time: a program compiled once counts each call site once, and a
+    cached trace (a second call of a jitted function) counts nothing.
+    fallback_reasons: {"op: reason": calls}.
+    """
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    fallback_reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def ran(self, op: str, implementation: str) -> int:
+        return self.counts[f"{op}/{implementation}"]
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())), "fallback_reasons": dict(sorted(self.fallback_reasons.items()))}
+
+
+_DISPATCH_LOGS: list[DispatchLog] = []
+
+
+@contextlib.contextmanager
+def dispatch_log():
+    """Records which implementation every dispatcher call ran (see `DispatchLog`), so that a
+    benchmark can prove its "pallas" figures are the kernels' and not a silent fallback."""
+    log = DispatchLog()
+    _DISPATCH_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _DISPATCH_LOGS.remove(log)
+
+
+def record_dispatch(op: str, implementation: str, reason: str | None = None) -> None:
+    """Called by the dispatchers: `implementation` is what ran ("pallas" | "xla" | "fallback")."""
+    for log in _DISPATCH_LOGS:
+        log.counts[f"{op}/{implementation}"] += 1
+        if reason is not None:
+            log.fallback_reasons[f"{op}: {reason}"] += 1
 
 
 def check_implementation(implementation: str) -> str:
@@ -87,6 +156,7 @@ def export_for_cuda(fn, *args_or_shapes):
 
 
 __all__ = [
-    "IMPLEMENTATIONS", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "check_implementation",
+    "IMPLEMENTATIONS", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "default_interpret", "DispatchLog",
+    "dispatch_log", "record_dispatch", "check_implementation",
     "next_pow2", "is_pow2", "triton_params", "lane_mask", "alias_initial_outputs", "export_for_cuda",
 ]

@@ -100,14 +100,19 @@ def packed_einsum(spec: str, x: jax.Array, w, *, interpret: bool | None = None) 
     """einsum(spec, x, w) in x.dtype (float32 accumulation) with packed weights on the kernels.
 
     Dense weights: plain einsum. Packed weights (`QArray`, `BCQArray`) whose spec follows the
-    module rule: one kernel call; otherwise dequantize + einsum.
+    module rule: one kernel call; otherwise dequantize + einsum. Both choices, and the kernel
+    dispatchers' own, are recorded for `common.dispatch_log`.
     """
     from uniql_jax.models import layers  # deferred: layers imports this module lazily too
 
+    from pallas_kernels.common import record_dispatch
+
     if not is_packed(w):
+        record_dispatch("packed_einsum", "xla")  # a dense weight: nothing for the kernels
         return layers.wdot(spec, x, w, "xla")
     plan = plan_spec(spec, x.ndim, w.ndim, w.axis)
     if plan is None:
+        record_dispatch("packed_einsum", "fallback", f"spec {spec} outside the leading-contraction rule")
         return layers.wdot(spec, x, w, "xla")
     w2 = flatten_packed(w, plan.n_contract)
     xt = jnp.transpose(x, plan.x_perm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.bcq import kernel, reference
-from pallas_kernels.common import check_implementation, resolve_interpret
+from pallas_kernels.common import check_implementation, record_dispatch, resolve_interpret
 from uniql_jax.quant.bcq import BCQArray
 
 
@@ -20,11 +20,20 @@ def matmul(x: jax.Array, w: BCQArray, *, implementation: str = "xla", interpret:
       chosen kernel cannot take (group size not a power of two, Kin too small) use the reference.
     interpret: Pallas interpret mode; None -> True unless running on a GPU.
     kernel_options: `config` (kernel.Config or kernel.LutConfig), pallas only.
+    What ran is recorded for `common.dispatch_log` ("bcq/pallas" with "bcq-lut/pallas" or
+    "bcq-dequant/pallas", "bcq/fallback", "bcq/xla").
     """
     if check_implementation(implementation) == "pallas":
         path = path or kernel.auto_path(x.shape[0])
-        if kernel.unsupported_reason(x.shape, w, path) is None:
+        reason = kernel.unsupported_reason(x.shape, w, path)
+        if reason is None:
+            record_dispatch("bcq", "pallas")
             if path == "lut":
+                record_dispatch("bcq-lut", "pallas")
                 return kernel.matmul_lut(x, w, interpret=resolve_interpret(interpret), **kernel_options)
+            record_dispatch("bcq-dequant", "pallas")
             return kernel.matmul_dequant(x, w, interpret=resolve_interpret(interpret), path=path, **kernel_options)
+        record_dispatch("bcq", "fallback", reason)
+    else:
+        record_dispatch("bcq", "xla")
     return reference.matmul(x, w)

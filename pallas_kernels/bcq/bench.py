@@ -14,8 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import bench_util
-from pallas_kernels.bcq import kernel, reference
+from pallas_kernels import bench_util, tiling
+from pallas_kernels.bcq import api, reference
 from uniql_jax.quant.bcq import BCQArray
 
 BITS, GROUP_SIZE = 4, 128
@@ -33,14 +33,20 @@ def make_weight(key, kin, n, bits=BITS, group_size=GROUP_SIZE):
     return BCQArray(planes, alpha.astype(jnp.float16), offset.astype(jnp.float16), bits, group_size, 0, (kin, n))
 
 
+def kernels(interpret: bool) -> dict:
+    """{path: select(batch) -> fn(x, w) or None}: the kernels through their dispatcher (the
+    rows' `ran` field, from `common.dispatch_log`, proves which one was timed)."""
+    pallas = functools.partial(api.matmul, implementation="pallas", interpret=interpret)
+    return {
+        "lut": lambda batch: functools.partial(pallas, path="lut") if batch == 1 else None,
+        "dequant": lambda batch: functools.partial(pallas, path="gemv" if batch <= tiling.GEMV_MAX_ROWS else "tiled"),
+    }
+
+
 def main():
     args = bench_util.parse_args(__doc__, bench_util.LLAMA_8B_SHAPES, bench_util.LLAMA_8B_BATCHES,
                                  SMALL_SHAPES, SMALL_BATCHES)
-    kernels = {
-        "lut": lambda batch: (functools.partial(kernel.matmul_lut, interpret=args.interpret) if batch == 1 else None),
-        "dequant": lambda batch: functools.partial(kernel.matmul_dequant, interpret=args.interpret),
-    }
-    rows = bench_util.bench_packed_matmul("bcq", args, make_weight, kernels, reference.matmul)
+    rows = bench_util.bench_packed_matmul("bcq", args, make_weight, kernels(args.interpret), reference.matmul)
     path = bench_util.write_report("bcq", args, rows,
                                    notes=f"BCQ {BITS} bit-planes, group size {GROUP_SIZE}, bf16 activations.")
     print(f"wrote {path}")

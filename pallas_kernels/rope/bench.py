@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import bench_util
-from pallas_kernels.rope import kernel, reference
+from pallas_kernels.common import dispatch_log
+from pallas_kernels.rope import api
 
 KV_HEADS, GROUPS, FULL_PAIRS = 8, 4, 64  # Llama-3.1-8B
 KEPT_PAIRS = (64, 48, 40)
@@ -37,14 +38,14 @@ def make_inputs(key, batch, tokens, pairs, dtype=jnp.bfloat16):
     return q, k, positions, pair_index, inv_freq
 
 
-def main():
-    args = bench_util.parse_args(__doc__, SHAPES, (), SMALL_SHAPES, ())
-    kept = SMALL_KEPT_PAIRS if args.small else KEPT_PAIRS
-    fused = functools.partial(kernel.rope, interpret=args.interpret)
+def bench(args, kept_pairs) -> list[dict]:
+    """One row per (batch, tokens) of args.shapes and kept pair count: the fused kernel and the
+    XLA reference, both through `api.rope` (each row's `ran` records what the dispatcher ran)."""
+    fused = functools.partial(api.rope, implementation="pallas", interpret=args.interpret)
+    xla = functools.partial(api.rope, implementation="xla")
     rows = []
-    bench_util.print_rows([], COLUMNS)
     for batch, tokens in args.shapes:
-        for pairs in kept:
+        for pairs in kept_pairs:
             inputs = make_inputs(bench_util.bench_key(batch * 10007 + tokens + pairs), batch, tokens, pairs)
             qk_bytes = bench_util.nbytes(inputs[:2])
             copies = [inputs] + [make_inputs(bench_util.bench_key(c), batch, tokens, pairs)
@@ -52,14 +53,23 @@ def main():
             # positions shifted per call (no two calls identical), q/k rotating through the copies
             arg_sets = [(*copies[c % len(copies)][:2], copies[c % len(copies)][2] + c, *inputs[3:])
                         for c in range(args.calls)]
-            t, got = bench_util.time_calls(fused, arg_sets, repeats=args.repeats)
-            t_xla, want = bench_util.time_calls(reference.rope, arg_sets, repeats=args.repeats)
+            with dispatch_log() as log:
+                t, got = bench_util.time_calls(fused, arg_sets, repeats=args.repeats)
+            t_xla, want = bench_util.time_calls(xla, arg_sets, repeats=args.repeats)
             err = max(bench_util.max_rel_err(g, w) for g, w in zip(got, want))  # first call: copies[0] in both
             moved = 2 * qk_bytes + bench_util.nbytes(inputs[2:])  # q, k read and written once
             rows.append(dict(op="rope", batch=batch, tokens=tokens, pairs=pairs, kv_heads=KV_HEADS, groups=GROUPS,
                              dtype="bfloat16", kernel_us=t * 1e6, xla_us=t_xla * 1e6, kernel_GBps=moved / t / 1e9,
-                             xla_GBps=moved / t_xla / 1e9, speedup_vs_xla=t_xla / t, max_rel_err=err))
+                             xla_GBps=moved / t_xla / 1e9, speedup_vs_xla=t_xla / t, max_rel_err=err,
+                             ran=dict(log.counts)))
             bench_util.print_rows(rows[-1:], COLUMNS, header=False)
+    return rows
+
+
+def main():
+    args = bench_util.parse_args(__doc__, SHAPES, (), SMALL_SHAPES, ())
+    bench_util.print_rows([], COLUMNS)
+    rows = bench(args, SMALL_KEPT_PAIRS if args.small else KEPT_PAIRS)
     path = bench_util.write_report("rope", args, rows, notes="Fused RoPE (q and k in one kernel) vs XLA reference.")
     print(f"wrote {path}")
 

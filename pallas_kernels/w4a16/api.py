@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.common import check_implementation, resolve_interpret
+from pallas_kernels.common import check_implementation, record_dispatch, resolve_interpret
 from pallas_kernels.w4a16 import kernel, reference
 from uniql_jax.quant.qarray import QArray
 
@@ -19,7 +19,14 @@ def matmul(x: jax.Array, w: QArray, *, implementation: str = "xla", interpret: b
       max(group_size, 32); anything else (e.g. 2/3/8-bit) falls back to the reference.
     interpret: Pallas interpret mode; None -> True unless running on a GPU.
     kernel_options: `config` (kernel.Config) or `path` ("gemv" | "tiled"), pallas only.
+    What ran is recorded for `common.dispatch_log` ("w4a16/pallas", "w4a16/fallback", "w4a16/xla").
     """
-    if check_implementation(implementation) == "pallas" and kernel.unsupported_reason(x.shape, w) is None:
-        return kernel.matmul(x, w, interpret=resolve_interpret(interpret), **kernel_options)
+    if check_implementation(implementation) == "pallas":
+        reason = kernel.unsupported_reason(x.shape, w)
+        if reason is None:
+            record_dispatch("w4a16", "pallas")
+            return kernel.matmul(x, w, interpret=resolve_interpret(interpret), **kernel_options)
+        record_dispatch("w4a16", "fallback", reason)
+    else:
+        record_dispatch("w4a16", "xla")
     return reference.matmul(x, w)

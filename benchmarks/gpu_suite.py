@@ -1,0 +1,455 @@
+"""Every GPU measurement of the project in one budgeted run (issue 22).
+
+    python -m benchmarks.gpu_suite --out DIR [--budget-s 450]     # on the GPU (H200), < 8 min
+    python -m benchmarks.gpu_suite --out DIR --tiny               # dry run: tiny shapes, CPU, interpret mode
+    OUT=DIR benchmarks/gpu_suite.sh                               # the device wrapper (adds suite.log)
+
+Steps, in order of value per second of device time; each result is written to DIR as JSON as
+soon as it exists, so a run killed by its time limit still leaves every figure measured so far:
+
+1. ``probe.json``: copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s),
+   ``experiments.benchmark.device_probe``: the ceilings every later figure is compared with.
+2. ``decode.json`` section "smoke": whole-model decode of the small "tiny" Llama shape (bf16,
+   W4 XLA, W4 Pallas at 0 and 35 %): seconds of device time that show early whether the
+   model path, the Pallas kernels and the compiled decode loop work on this device at all.
+3. ``w4a16.json``, ``bcq.json``: the packed-weight GEMV micro-benchmarks of
+   ``pallas_kernels/{w4a16,bcq}/bench.py`` (``bench_util.bench_packed_matmul``) at the
+   Llama-3.1-8B shapes 4096x4096, 4096x14336, 14336x4096, 4096x1024, batch 1 and 16: the Pallas
+   kernel, XLA dequantize + dot and XLA's plain bf16 dot in the same run, plus each one's
+   bandwidth as a fraction of the probe's copy bandwidth and the kernel / bf16-dot time ratio.
+   Written after each shape.
+4. ``rope.json``: the fused RoPE kernel against XLA (``pallas_kernels/rope/bench.py``), decode
+   and prefill shapes, unpruned and pruned heads.
+5. ``decode.json`` section "main": end-to-end decode (batch 1, prompt 512, 128 new tokens,
+   ``experiments.benchmark.bench_variant``) at the Llama-3.1-8B shape (random weights), in
+   this order: bf16, W4 0 %, W4 35 %, W4 0 % Pallas (against the XLA W4 0 % before it), then
+   W4 15 %, 25 % and Pallas at 35 %, 15 %, 25 %. Per variant: trace/lower and compile time of
+   each program apart from run time, prefill, ms per output token, tokens/s, XLA's memory
+   analysis of the program (its own peak) and the process's peak device memory (monotone).
+
+``suite.json`` is the manifest: one entry per step with status "done", "skipped" (with the
+reason) or "failed" (with the error); rewritten after every step. Every Pallas figure records
+what the dispatchers ran (``pallas_kernels.common.dispatch_log``: "w4a16/pallas",
+"w4a16/fallback", ...), so a silent fallback to XLA cannot pass for a kernel timing. The device
+returns at most 8 files: this writes 6 (7 with the wrapper's log).
+
+Budget. The default ``--budget-s 450`` (7.5 min, measured from interpreter start) keeps the run
+inside 8 minutes and leaves room for a rerun in a 15-minute device lease (machine start and
+transfers included). Before each step the time left is compared with an estimate (the measured
+cost of the previous step of the same kind); a step that does not fit is skipped and recorded as
+skipped with the reason, never dropped silently. The order above comes from these estimates:
+
+* compile dominates the cost of whole-model decode. On the 2-core CPU, with abstract arrays
+  (``benchmarks/cpu-compile-budget-llama3_8b.json``, ``python -m benchmarks.cpu_compile_budget``),
+  the 32-layer Llama-3.1-8B programs trace+lower in 1-2 s and compile in 1-4 s (bf16) and
+  2-11 s (W4: the dequantization fuses into every product); exporting the Pallas variant for
+  cuda takes 1-2 s. GPU compiles add autotuning and Triton kernels, so we plan ~10-40 s per
+  8B variant (two programs) plus ~1 s of running: nine variants fit in ~5 min, the micro-
+  benchmarks (~60 compiles of one small program each) in ~1-2 min. If estimates are exceeded,
+  the lowest-value variants (the intermediate rates) are the ones skipped.
+* running the 8B decode is cheap: 128 tokens read ~16 GB (bf16) or ~4 GB (W4) of weights each,
+  i.e. ~0.5 s and ~0.15 s at ~4.3 TB/s per timed repeat.
+
+``--tiny`` runs every step with tiny shapes on whatever backend is there (on CPU the kernels run
+in Pallas interpret mode): it proves the script end to end in under a minute of CPU, and its
+timings mean nothing. ``tests/benchmarks/test_gpu_suite.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()  # the budget counts from interpreter start (imports included)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DEFAULT_BUDGET_S = 450.0
+FILES = ("suite.json", "probe.json", "w4a16.json", "bcq.json", "rope.json", "decode.json")
+
+# (variant, rate, impl), in order of value
+DECODE_VARIANTS = (("bf16", 0.0, "xla"), ("w4", 0.0, "xla"), ("w4", 0.35, "xla"), ("w4", 0.0, "pallas"),
+                   ("w4", 0.15, "xla"), ("w4", 0.25, "xla"), ("w4", 0.35, "pallas"), ("w4", 0.15, "pallas"),
+                   ("w4", 0.25, "pallas"))
+SMOKE_VARIANTS = (("bf16", 0.0, "xla"), ("w4", 0.0, "xla"), ("w4", 0.0, "pallas"), ("w4", 0.35, "pallas"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: the GPU plan or the tiny CPU dry run."""
+
+    probe_mb: int
+    matmul_n: int | None
+    kernel_shapes: tuple  # (Kin, N) of the packed-matmul micro-benchmarks
+    kernel_batches: tuple
+    kernel_repeats: int
+    kernel_calls: int  # kernel calls per timed program (bench_util.time_calls)
+    rope_shapes: tuple  # (batch, tokens)
+    rope_pairs: tuple  # kept rotary pairs per head
+    smoke: dict  # decode section "smoke": shape, layers (None: all), prompt_len, new_tokens
+    smoke_variants: tuple
+    main: dict  # decode section "main"
+    decode_repeats: int
+    compiler_options: dict | None  # XLA options of the decode programs (CPU dry run: fast compile)
+
+
+GPU_PLAN = Plan(probe_mb=1024, matmul_n=8192, kernel_shapes=((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)),
+                kernel_batches=(1, 16), kernel_repeats=10, kernel_calls=32,
+                rope_shapes=((1, 1), (16, 1), (1, 512)), rope_pairs=(64, 40),
+                smoke=dict(shape="tiny", layers=None, prompt_len=64, new_tokens=16), smoke_variants=SMOKE_VARIANTS,
+                main=dict(shape="llama3_8b", layers=None, prompt_len=512, new_tokens=128),
+                decode_repeats=3, compiler_options=None)
+TINY_PLAN = Plan(probe_mb=4, matmul_n=128, kernel_shapes=((256, 64), (128, 32)), kernel_batches=(1, 16),
+                 kernel_repeats=1, kernel_calls=2, rope_shapes=((1, 1), (2, 3)), rope_pairs=(12,),
+                 smoke=dict(shape="tiny", layers=1, prompt_len=8, new_tokens=3),
+                 smoke_variants=(("bf16", 0.0, "xla"), ("w4", 0.35, "pallas")),
+                 main=dict(shape="tiny", layers=1, prompt_len=8, new_tokens=3),
+                 decode_repeats=1, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic write (a reader or a kill never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Suite:
+    """Runs steps against a wall-clock budget and keeps the manifest ``suite.json`` current."""
+
+    def __init__(self, out: Path, budget_s: float, tiny: bool, start: float = START):
+        self.out, self.budget_s, self.start = out, float(budget_s), start
+        out.mkdir(parents=True, exist_ok=True)
+        self.manifest = {"budget_s": self.budget_s, "tiny": tiny, "argv": sys.argv[1:],
+                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "python": platform.python_version(), "steps": []}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def save(self):
+        self.manifest["elapsed_s"] = self.elapsed()
+        write_json(self.out / "suite.json", self.manifest)
+
+    def fits(self, estimate_s: float) -> str | None:
+        """None if a step estimated at `estimate_s` fits in the budget, else why it does not."""
+        left = self.left()
+        if left <= 0:
+            return f"budget exhausted: {self.elapsed():.0f} s elapsed of {self.budget_s:.0f} s"
+        if estimate_s > left:
+            return f"estimated {estimate_s:.0f} s > {left:.0f} s left of the {self.budget_s:.0f} s budget"
+        return None
+
+    def skip(self, name: str, reason: str, file: str | None = None):
+        print(f"[{self.elapsed():6.1f} s] skip {name}: {reason}", file=sys.stderr, flush=True)
+        self.manifest["steps"].append({"name": name, "status": "skipped", "reason": reason, "file": file,
+                                       "at_s": self.elapsed()})
+        self.save()
+
+    def run(self, name: str, fn, *, estimate_s: float = 0.0, file: str | None = None):
+        """fn() within the budget: (status, result); a failure is recorded, not raised."""
+        reason = self.fits(estimate_s)
+        if reason:
+            self.skip(name, reason, file)
+            return "skipped", None
+        print(f"[{self.elapsed():6.1f} s] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        entry = {"name": name, "file": file, "at_s": self.elapsed()}
+        try:
+            result = fn()
+            entry["status"] = "done"
+        except Exception as e:  # noqa: BLE001 - recorded; later steps still run
+            result = None
+            entry["status"] = "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+            entry["traceback"] = traceback.format_exc()[-4000:]
+            print(entry["traceback"], file=sys.stderr, flush=True)
+        entry["seconds"] = time.perf_counter() - t0
+        self.manifest["steps"].append(entry)
+        self.save()
+        return entry["status"], result
+
+    def seconds_of(self, prefix: str) -> list[float]:
+        return [s["seconds"] for s in self.manifest["steps"] if s["status"] == "done" and s["name"].startswith(prefix)]
+
+
+def environment() -> dict:
+    import jax
+
+    import pallas_kernels.common as kcommon
+
+    dev = jax.devices()[0]
+    return {"device": dev.device_kind, "backend": jax.default_backend(), "platform": dev.platform,
+            "jax_version": jax.__version__, "jaxlib_version": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+            "flax_version": _version("flax"), "interpret": kcommon.resolve_interpret(None),
+            "device_count": jax.device_count()}
+
+
+def _version(pkg):
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- steps
+
+
+def step_probe(suite: Suite, plan: Plan) -> dict | None:
+    from experiments import benchmark
+
+    def probe():
+        result = {**environment(), **benchmark.device_probe(plan.probe_mb, plan.matmul_n)}
+        write_json(suite.out / "probe.json", result)
+        return result
+
+    return suite.run("probe", probe, file="probe.json")[1]
+
+
+def bandwidth_fields(row: dict, copy_GBps: float | None) -> dict:
+    """Achieved bandwidth of the kernel and both XLA baselines, as fractions of the copy bandwidth."""
+    moved = row["kernel_GBps"] * row["kernel_us"] * 1e3  # bytes the kernel row counts (weight, x, y)
+    out = {"dequant_dot_GBps": moved / row["dequant_dot_us"] / 1e3,
+           "kernel_time_over_bf16_dot": row["kernel_us"] / row["bf16_dot_us"],
+           "kernel_time_over_dequant_dot": row["kernel_us"] / row["dequant_dot_us"]}
+    if copy_GBps:
+        out.update(kernel_frac_copy_bw=row["kernel_GBps"] / copy_GBps,
+                   dequant_dot_frac_copy_bw=out["dequant_dot_GBps"] / copy_GBps,
+                   bf16_dot_frac_copy_bw=row["bf16_dot_GBps"] / copy_GBps)
+    return out
+
+
+def bench_args(suite: Suite, plan: Plan, shapes, batches, repeats, calls):
+    """The namespace `pallas_kernels.bench_util` expects from its CLI."""
+    from pallas_kernels.common import on_gpu
+
+    return argparse.Namespace(shapes=list(shapes), batches=list(batches), repeats=repeats, calls=calls,
+                              small=plan is TINY_PLAN, interpret=not on_gpu(), out_dir=suite.out)
+
+
+def step_packed_matmul(suite: Suite, plan: Plan, op: str, probe: dict | None):
+    """One micro-benchmark step per shape; <op>.json rewritten after each."""
+    from pallas_kernels import bench_util
+    from pallas_kernels.bcq import bench as bcq_bench
+    from pallas_kernels.w4a16 import bench as w4a16_bench
+
+    module = {"w4a16": w4a16_bench, "bcq": bcq_bench}[op]
+    copy = (probe or {}).get("copy_bandwidth_GBps")
+    file = f"{op}.json"
+    all_args = bench_args(suite, plan, plan.kernel_shapes, plan.kernel_batches, plan.kernel_repeats, plan.kernel_calls)
+    report = bench_util.report(op, all_args, [], notes=f"{module.__doc__.splitlines()[0]} Through pallas_kernels/{op}/bench.py.")
+    report.update(copy_bandwidth_GBps=copy, planned_shapes=[list(s) for s in plan.kernel_shapes], skipped=[])
+    for kin, n in plan.kernel_shapes:
+        args = bench_args(suite, plan, [(kin, n)], plan.kernel_batches, plan.kernel_repeats, plan.kernel_calls)
+
+        def one_shape():
+            rows = bench_util.bench_packed_matmul(op, args, module.make_weight, module.kernels(args.interpret),
+                                                  module.reference.matmul)
+            for row in rows:
+                row.update(bandwidth_fields(row, copy))
+            report["rows"] += rows
+            write_json(suite.out / file, report)
+            return rows
+
+        done = suite.seconds_of(f"{op} ")
+        status, _ = suite.run(f"{op} {kin}x{n}", one_shape, estimate_s=max(done, default=0.0), file=file)
+        if status != "done":
+            report["skipped"].append({"shape": [kin, n], "status": status,
+                                      "reason": suite.manifest["steps"][-1].get("reason") or suite.manifest["steps"][-1].get("error")})
+            write_json(suite.out / file, report)
+
+
+def step_rope(suite: Suite, plan: Plan, probe: dict | None):
+    from pallas_kernels import bench_util
+    from pallas_kernels.rope import bench as rope_bench
+
+    copy = (probe or {}).get("copy_bandwidth_GBps")
+    all_args = bench_args(suite, plan, plan.rope_shapes, (), plan.kernel_repeats, plan.kernel_calls)
+    report = bench_util.report("rope", all_args, [], notes="Fused RoPE (q and k in one kernel) vs XLA reference, "
+                                                             "through pallas_kernels/rope/bench.py.")
+    report.update(copy_bandwidth_GBps=copy, skipped=[])
+    for batch, tokens in plan.rope_shapes:
+        args = bench_args(suite, plan, [(batch, tokens)], (), plan.kernel_repeats, plan.kernel_calls)
+
+        def one_shape():
+            rows = rope_bench.bench(args, plan.rope_pairs)
+            for row in rows:
+                if copy:
+                    row.update(kernel_frac_copy_bw=row["kernel_GBps"] / copy, xla_frac_copy_bw=row["xla_GBps"] / copy)
+            report["rows"] += rows
+            write_json(suite.out / "rope.json", report)
+            return rows
+
+        status, _ = suite.run(f"rope {batch}x{tokens}", one_shape, estimate_s=max(suite.seconds_of("rope "), default=0.0),
+                              file="rope.json")
+        if status != "done":
+            report["skipped"].append({"shape": [batch, tokens], "status": status})
+            write_json(suite.out / "rope.json", report)
+
+
+def section_config(spec: dict):
+    """(cfg, arch) of a decode section: a named shape of `experiments.benchmark`, optionally
+    cut to its first `layers` layers."""
+    from experiments import benchmark
+
+    cfg = benchmark.shape_config("llama", spec["shape"])
+    if spec.get("layers"):
+        cfg = cfg.with_blocks(tuple(b for b in cfg.blocks if b.layer < spec["layers"]))
+    return cfg
+
+
+def estimate_variant(suite: Suite, section: str, impl: str) -> float:
+    """Seconds a decode variant is expected to take: the last one of the same impl in this
+    section, else 1.5x the last XLA one (Triton compiles come on top), else 0 (unknown: run)."""
+    rows = [s for s in suite.manifest["steps"] if s["status"] == "done" and s["name"].startswith(f"decode {section} ")]
+    same = [s["seconds"] for s in rows if s["name"].endswith(f" {impl}")]
+    if same:
+        return same[-1]
+    xla = [s["seconds"] for s in rows if s["name"].endswith(" xla")]
+    return 1.5 * xla[-1] if xla else 0.0
+
+
+def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, decode_report: dict):
+    """Whole-model decode variants of one section, each a suite step; decode.json after each."""
+    import jax
+    import jax.numpy as jnp
+
+    import uniql_jax as uq
+    from experiments import benchmark
+    from pallas_kernels import common as kcommon
+    from uniql_jax.compress.prune import prune
+    from uniql_jax.quant.qarray import deployed_bytes
+
+    cfg = section_config(spec)
+    rates = sorted({r for v, r, _ in variants if v == "w4"})
+    table = benchmark.uniform_table(cfg, rates)
+    out = {"shape": spec["shape"], "arch": cfg.arch, "layers": sum(b.kind == "attention" for b in cfg.blocks),
+           "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "prompt_len": spec["prompt_len"],
+           "new_tokens": spec["new_tokens"], "batch": 1, "repeats": plan.decode_repeats,
+           "kept_sizes": {str(r): [dataclasses.asdict(b) for b in table[r][:2]] for r in rates},
+           "setup": {}, "variants": []}
+    decode_report[section] = out
+    state: dict = {}
+
+    def save():
+        write_json(suite.out / "decode.json", decode_report)
+
+    def setup():
+        t0 = time.perf_counter()
+        state["bf16"] = jax.block_until_ready(jax.jit(lambda: uq.init_params(cfg, 0, jnp.bfloat16))())
+        state["prompt"] = jax.random.randint(jax.random.PRNGKey(0), (1, spec["prompt_len"]), 0, cfg.vocab_size,
+                                             dtype=jnp.int32)
+        out["setup"]["init_s"] = time.perf_counter() - t0
+        save()
+
+    def params_for(name, rate):
+        if name == "bf16":
+            return cfg, state["bf16"]
+        if "w4" not in state:
+            t0 = time.perf_counter()
+            state["w4"] = jax.block_until_ready(benchmark.quantize_rtn_tree(cfg, state["bf16"], 128, table))
+            out["setup"]["quantize_s"] = time.perf_counter() - t0
+            if not any(v == "bf16" for v, _, _ in variants[len(out["variants"]):]):
+                state.pop("bf16")  # no bf16 variant left: free its weights (16 GB at 8B)
+        if rate not in state.setdefault("pruned", {}):
+            state["pruned"][rate] = prune(cfg, state["w4"], rate, table) if rate else (cfg, state["w4"])
+        return state["pruned"][rate]
+
+    status, _ = suite.run(f"decode {section} setup", setup, file="decode.json")
+    bf16_row = None
+    for name, rate, impl in variants:
+        step = f"decode {section} {name} {rate:.2f} {impl}"
+        row = {"variant": name, "rate": rate, "impl": impl}
+        out["variants"].append(row)
+        if status != "done":
+            row.update(status="skipped", reason="setup did not complete")
+            suite.skip(step, row["reason"], "decode.json")
+            save()
+            continue
+
+        def run_variant():
+            t0 = time.perf_counter()
+            cfg_v, params_v = params_for(name, rate)
+            row["param_bytes"] = deployed_bytes(params_v)
+            row["prepare_s"] = time.perf_counter() - t0
+            # fresh traces: the dispatch log counts at trace time, and an identical program
+            # traced before (the smoke section) would otherwise come from the cache, uncounted
+            jax.clear_caches()
+            with kcommon.dispatch_log() as log:
+                row.update(benchmark.bench_variant(cfg_v, params_v, state["prompt"], spec["new_tokens"], impl,
+                                                   repeats=plan.decode_repeats, compiler_options=plan.compiler_options))
+            row["ran"] = log.as_dict()
+            row["interpret"] = kcommon.resolve_interpret(None) if impl == "pallas" else None
+            return row
+
+        v_status, _ = suite.run(step, run_variant, estimate_s=estimate_variant(suite, section, impl), file="decode.json")
+        last = suite.manifest["steps"][-1]
+        row["status"] = v_status
+        row["wall_s"] = last.get("seconds")
+        if v_status != "done":
+            row["reason"] = last.get("reason") or last.get("error")
+        if v_status == "done" and name == "bf16":
+            bf16_row = row
+        if v_status == "done" and bf16_row is not None:
+            row["speedup_vs_bf16"] = row["tokens_per_s"] / bf16_row["tokens_per_s"]
+        if v_status == "done" and impl == "pallas":
+            twin = next((r for r in out["variants"] if r["variant"] == name and r["rate"] == rate
+                         and r["impl"] == "xla" and r.get("status") == "done"), None)
+            if twin:
+                row["speedup_vs_xla"] = row["tokens_per_s"] / twin["tokens_per_s"]
+        save()
+    state.clear()
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def run(out: Path, *, tiny: bool, budget_s: float) -> dict:
+    plan = TINY_PLAN if tiny else GPU_PLAN
+    suite = Suite(out, budget_s, tiny)
+    suite.manifest["plan"] = dataclasses.asdict(plan)
+    suite.manifest["environment"] = environment()
+    suite.save()
+    probe = step_probe(suite, plan)
+    decode_report = {"probe": probe}
+    step_decode(suite, plan, "smoke", plan.smoke, plan.smoke_variants, decode_report)
+    step_packed_matmul(suite, plan, "w4a16", probe)
+    step_packed_matmul(suite, plan, "bcq", probe)
+    step_rope(suite, plan, probe)
+    step_decode(suite, plan, "main", plan.main, DECODE_VARIANTS, decode_report)
+    suite.manifest["finished"] = True
+    suite.save()
+    counts = {s: sum(st["status"] == s for st in suite.manifest["steps"]) for s in ("done", "skipped", "failed")}
+    print(f"[{suite.elapsed():6.1f} s] finished: {counts}; files in {out}", file=sys.stderr, flush=True)
+    return suite.manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder for the JSON results (created)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU dry run (interpret-mode kernels)")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                    help=f"wall-clock budget from interpreter start; later steps are skipped and recorded "
+                         f"(default {DEFAULT_BUDGET_S:.0f})")
+    args = ap.parse_args(argv)
+    if not math.isfinite(args.budget_s):
+        ap.error("--budget-s must be finite")
+    manifest = run(args.out, tiny=args.tiny, budget_s=args.budget_s)
+    return 1 if any(s["status"] == "failed" for s in manifest["steps"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
