@@ -138,12 +138,17 @@ def test_unhandled_config_attribute_raises(saved, change, message):
         hf.load(saved)
 
 
-def test_attribute_transformers_does_not_define_is_accepted_and_logged(saved, caplog):
+def test_attribute_transformers_does_not_define_is_accepted_and_logged(saved, caplog, monkeypatch):
     """transformers keeps such an attribute as an unused extra, so it cannot change the forward."""
+    monkeypatch.setattr(hf, "_logged_ignored", set())
     ref = hf.load(saved)[1]
     edit_config(saved, some_new_knob=3, is_llama_config=True)
     with caplog.at_level("INFO", logger="converters.hf"):
         got = hf.load(saved)[1]
+        assert "ignoring attribute(s) is_llama_config=True, some_new_knob=3" in caplog.text
+        caplog.clear()
+        hf.load(saved)
+        assert "ignoring" not in caplog.text  # once per process
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
     raw = json.loads((saved / "config.json").read_text())
     reader = hf.ConfigReader(raw, "config.json", "llama")
