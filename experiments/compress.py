@@ -55,6 +55,8 @@ def build_parser():
                    help="layer-wise allocation of each global rate (default block_influence)")
     p.add_argument("--eval", help="evaluation text file or dataset id (default: held-out TinyStories; with --model "
                                   f"{WIKITEXT2}@test)")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="evaluate on the first N windows of --eval only (default 0: all of it)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
     return p
 
@@ -69,6 +71,8 @@ def check_args(args):
         raise common.UsageError(f"--bits must be 2, 3, 4 or 8, got {args.bits}")
     if args.group_size < 8 or args.group_size % 8:
         raise common.UsageError(f"--group-size must be a positive multiple of 8, got {args.group_size}")
+    if args.eval_windows < 0:
+        raise common.UsageError("--eval-windows must be >= 0")
     for name in ("calib_samples", "seq_len"):
         if getattr(args, name) < 2:
             raise common.UsageError(f"--{name.replace('_', '-')} must be at least 2")
@@ -132,11 +136,14 @@ def run(argv=None) -> Path:
         cfg, params, tokenizer, source = common.load_model(args.arch, args.model)
         calib_stream = text_tokens(args, "calib", tokenizer, "train", "train")
         eval_tokens = text_tokens(args, "eval", tokenizer, "test", "heldout")
+        if args.eval_windows:
+            eval_tokens = eval_tokens[: args.eval_windows * args.seq_len]
         calib = data.calibration_windows(calib_stream, args.calib_samples, args.seq_len, seed=args.seed)
     log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
              source, cfg.arch, param_count(cfg), len(calib), args.seq_len, len(eval_tokens))
     report = {"arch": cfg.arch, "model": source, "quantizer": args.quantizer, "bits": args.bits,
               "group_size": args.group_size, "seed": args.seed, "seq_len": args.seq_len,
+              "eval_windows": args.eval_windows,
               "calib": args.calib or str(common.TINYSTORIES) + " (train part)",
               "eval": args.eval or str(common.TINYSTORIES) + " (held-out part)", "timings_s": timer.timings}
     base_ppl = perplexity(cfg, params, eval_tokens, seq_len=args.seq_len)
@@ -171,7 +178,7 @@ def run(argv=None) -> Path:
         common.plot_report(report, tmp / "report.png")
         common.save_tokenizer(tokenizer, tmp / "tokenizer")
         meta = {k: report[k] for k in ("arch", "model", "quantizer", "bits", "group_size", "seed", "seq_len",
-                                        "calib", "eval")}
+                                        "eval_windows", "calib", "eval")}
         meta["eval_source"] = args.eval  # None: the held-out TinyStories default
         uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
     log.info("wrote %s", out)

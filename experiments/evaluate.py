@@ -26,6 +26,8 @@ def build_parser():
     p.add_argument("--rates", help="comma-separated rates to evaluate (default: every stored rate)")
     p.add_argument("--eval", help="evaluation text file or dataset id (default: the one recorded at compression)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the one recorded at compression)")
+    p.add_argument("--eval-windows", type=int,
+                   help="evaluate on the first N windows only (default: the number recorded at compression; 0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
     p.add_argument("--json", action="store_true", help="print the rates list as JSON on stdout instead of a table")
     return p
@@ -61,6 +63,9 @@ def run(argv=None):
     tokenizer = common.load_saved_tokenizer(run_dir)
     eval_spec = args.eval or info.meta.get("eval_source")
     tokens = common.token_source(eval_spec, tokenizer, "heldout")
+    eval_windows = info.meta.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows
+    if eval_windows:
+        tokens = tokens[: eval_windows * seq_len]
     model = checkpoint.ElasticModel.from_checkpoint(ckpt)
     before = blockwise_nll.compiles()
     rows = []
