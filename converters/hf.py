@@ -16,10 +16,11 @@ The config rule (``ConfigReader``), one rule for every arch. Each attribute of c
    dtypes, ``auto_map``, token ids, cache and generation flags, dropout, init ranges) or
    per arch (``ConfigReader.inert``: e.g. ``time_step_*`` initialization knobs); or
 4. *not defined by transformers*: an attribute that transformers' own config class for the
-   ``model_type`` does not define (``transformers_attributes``: its fields, ``__init__``
-   parameters, ``attribute_map`` aliases and the legacy names it converts) is carried as an
-   unused extra by transformers and never read by its modelling code, so we accept it too and
-   log it once at INFO (e.g. ``is_llama_config``, ``use_mrope``, ``norm_before_gate``).
+   ``model_type`` does not define and its modelling code does not read (``transformers_attributes``:
+   the class's fields, ``__init__`` parameters, ``attribute_map`` aliases, the legacy names it
+   converts, and every ``config.X`` its modelling source reads) is carried as an unused extra by
+   transformers, so it cannot change transformers' forward: we accept it too and log it once at
+   INFO (e.g. ``is_llama_config``, ``norm_before_gate``, ``use_mamba_kernels`` for Bamba).
 
 A leftover that transformers *does* define but the mapping did not consume raises
 ``CheckpointError`` naming attribute and value: the installed transformers is the reference
@@ -39,6 +40,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -79,8 +81,10 @@ ROPE_LEGACY = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
 def transformers_attributes(model_type: str) -> tuple[str, frozenset[str]]:
     """(class name, every attribute name) of the installed transformers' config class for
     `model_type`: dataclass fields, ``__init__`` parameters, the keys of a default instance's
-    ``to_dict()``, ``attribute_map`` aliases, the legacy names the mapping module declares
-    transformers converts (``TRANSFORMERS_LEGACY``) and the RoPE legacy keys."""
+    ``to_dict()``, ``attribute_map`` aliases, every ``config.X`` / ``getattr(config, "X", ...)`` its
+    modelling source reads (Qwen2 and Bamba read ``head_dim`` that their classes do not define), the
+    legacy names the mapping module declares transformers converts (``TRANSFORMERS_LEGACY``) and
+    the RoPE legacy keys."""
     from transformers import CONFIG_MAPPING
 
     try:
@@ -95,10 +99,24 @@ def transformers_attributes(model_type: str) -> tuple[str, frozenset[str]]:
     except (ValueError, TypeError):  # a default instance that fails the class's own validation
         pass
     names |= set(getattr(cls, "attribute_map", {}))
+    names |= modelling_reads(model_type)
     names |= set(getattr(mapping_for(model_type), "TRANSFORMERS_LEGACY", ()))
     if "rope_parameters" in names:
         names |= ROPE_LEGACY
     return cls.__name__, frozenset(names)
+
+
+def modelling_reads(model_type: str) -> set[str]:
+    """Attribute names transformers' modelling source for `model_type` reads from its config (read as
+    text: importing it would import torch)."""
+    import transformers
+
+    f = Path(transformers.__file__).parent / "models" / model_type / f"modeling_{model_type}.py"
+    if not f.is_file():
+        return set()
+    src = f.read_text()
+    return (set(re.findall(r"\bconfig\.([A-Za-z_][A-Za-z_0-9]*)", src))
+            | set(re.findall(r"getattr\(\s*(?:self\.)?config\s*,\s*[\"']([A-Za-z_][A-Za-z_0-9]*)", src)))
 
 
 _logged_ignored: set[tuple[str, str]] = set()
@@ -110,6 +128,7 @@ class ConfigReader:
 
     def __init__(self, raw: dict, source: str = "config.json", model_type: str | None = None):
         self.raw, self.source, self.used = dict(raw), source, set()
+        self.ignored: list[str] = []  # set by finish: attributes accepted because transformers does not define them
         self.model_type = model_type if model_type is not None else raw.get("model_type")
 
     def get(self, key, default=None):
@@ -150,7 +169,8 @@ class ConfigReader:
             what = ", ".join(f"{k}={self.raw[k]!r}" for k in refused)
             raise CheckpointError(f"{self.source}: unsupported attribute(s) {what} "
                                   f"(transformers' {cls_name} defines them; this converter does not implement them)")
-        new = [k for k in left if (self.model_type, k) not in _logged_ignored]
+        self.ignored = [k for k in left if k not in defined]
+        new = [k for k in self.ignored if (self.model_type, k) not in _logged_ignored]
         if new:
             _logged_ignored.update((self.model_type, k) for k in new)
             log.info("%s: ignoring attribute(s) %s: transformers' %s does not define them, so its modelling code "

@@ -24,6 +24,8 @@ CASES = {
     "mqa": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=1, head_dim=12),
     "qwen2_gqa3": dict(model_type="qwen2", num_attention_heads=6, num_key_value_heads=2),
     "qwen2_tied": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    # Qwen2Config does not define head_dim, but Qwen2's modelling reads it (getattr) when present
+    "qwen2_head_dim16": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 
 
@@ -171,6 +173,8 @@ def test_attribute_transformers_defines_must_be_consumed():
     _, defined = hf.transformers_attributes("llama")
     assert {"hidden_act", "rope_parameters", "rope_theta", "rope_scaling", "head_dim"} <= defined
     assert "is_llama_config" not in defined
+    _, defined = hf.transformers_attributes("qwen2")
+    assert "head_dim" in defined and "head_dim" not in transformers.Qwen2Config().to_dict()  # read by the modelling
 
 
 def test_missing_unexpected_and_misshapen_tensors_raise(saved):
