@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_suite --out DIR [--budget-s 450]     # on the GPU (H200), < 8 min
     python -m benchmarks.gpu_suite --out DIR --tiny               # dry run: tiny shapes, CPU, interpret mode
+    python -m benchmarks.gpu_suite --out DIR --steps probe,decode # a subset (e.g. a second call)
     OUT=DIR benchmarks/gpu_suite.sh                               # the device wrapper (adds suite.log)
 
 Steps, in order of value per second of device time; each result is written to DIR as JSON as
@@ -40,13 +41,17 @@ cost of the previous step of the same kind); a step that does not fit is skipped
 skipped with the reason, never dropped silently. The order above comes from these estimates:
 
 * compile dominates the cost of whole-model decode. On the 2-core CPU, with abstract arrays
-  (``benchmarks/cpu-compile-budget-llama3_8b.json``, ``python -m benchmarks.cpu_compile_budget``),
-  the 32-layer Llama-3.1-8B programs trace+lower in 1-2 s and compile in 1-4 s (bf16) and
-  2-11 s (W4: the dequantization fuses into every product); exporting the Pallas variant for
-  cuda takes 1-2 s. GPU compiles add autotuning and Triton kernels, so we plan ~10-40 s per
-  8B variant (two programs) plus ~1 s of running: nine variants fit in ~5 min, the micro-
-  benchmarks (~60 compiles of one small program each) in ~1-2 min. If estimates are exceeded,
-  the lowest-value variants (the intermediate rates) are the ones skipped.
+  (``benchmarks/cpu-compile-budget-llama3_8b.json``, ``python -m benchmarks.cpu_compile_budget
+  --rates 0,0.15,0.25,0.35``, load average 3.6-6.2), each 32-layer Llama-3.1-8B program traces
+  and lowers in 0.7-2.2 s; XLA compiles the prefill program in 1.6 s (bf16) / 3.3-4.0 s (W4) and
+  the 128-token decode program in 9.4 s (bf16) / 12.7-13.1 s (W4, every rate): ~11 s per bf16
+  variant, ~17-20 s per W4 variant (on a quieter CPU, load ~1.5: 3.5 s and 8.8-10.5 s for the
+  decode programs). Exporting each Pallas W4 program for cuda takes 0.7-1.6 s, with every one of
+  the 225 packed products per decode step on a Triton kernel (no fallback). A GPU compile adds
+  GEMM autotuning and Triton/ptxas, so we plan ~20-60 s per 8B variant (two programs), ~1 s of
+  running each: the nine variants need ~3-9 min, the micro-benchmarks (~60 compiles of one small
+  program each) ~1-2 min. Hence the value order: the headline comparison (bf16, W4 0 %, W4 35 %,
+  Pallas vs XLA at W4 0 %) first, the intermediate rates last, where a slow compile skips them.
 * running the 8B decode is cheap: 128 tokens read ~16 GB (bf16) or ~4 GB (W4) of weights each,
   i.e. ~0.5 s and ~0.15 s at ~4.3 TB/s per timed repeat.
 
@@ -105,7 +110,7 @@ GPU_PLAN = Plan(probe_mb=1024, matmul_n=8192, kernel_shapes=((4096, 4096), (4096
                 kernel_batches=(1, 16), kernel_repeats=10, kernel_calls=32,
                 rope_shapes=((1, 1), (16, 1), (1, 512)), rope_pairs=(64, 40),
                 smoke=dict(shape="tiny", layers=None, prompt_len=64, new_tokens=16), smoke_variants=SMOKE_VARIANTS,
-                main=dict(shape="llama3_8b", layers=None, prompt_len=512, new_tokens=128),
+                main=dict(shape="llama3_8b", layers=None, prompt_len=512, new_tokens=128, prior_s=30.0),
                 decode_repeats=3, compiler_options=None)
 TINY_PLAN = Plan(probe_mb=4, matmul_n=128, kernel_shapes=((256, 64), (128, 32)), kernel_batches=(1, 16),
                  kernel_repeats=1, kernel_calls=2, rope_shapes=((1, 1), (2, 3)), rope_pairs=(12,),
@@ -191,7 +196,7 @@ def environment() -> dict:
 
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "backend": jax.default_backend(), "platform": dev.platform,
-            "jax_version": jax.__version__, "jaxlib_version": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+            "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
             "flax_version": _version("flax"), "interpret": kcommon.resolve_interpret(None),
             "device_count": jax.device_count()}
 
@@ -250,7 +255,8 @@ def step_packed_matmul(suite: Suite, plan: Plan, op: str, probe: dict | None):
     copy = (probe or {}).get("copy_bandwidth_GBps")
     file = f"{op}.json"
     all_args = bench_args(suite, plan, plan.kernel_shapes, plan.kernel_batches, plan.kernel_repeats, plan.kernel_calls)
-    report = bench_util.report(op, all_args, [], notes=f"{module.__doc__.splitlines()[0]} Through pallas_kernels/{op}/bench.py.")
+    notes = f"{module.__doc__.splitlines()[0]} Through pallas_kernels/{op}/bench.py."
+    report = bench_util.report(op, all_args, [], notes=notes)
     report.update(copy_bandwidth_GBps=copy, planned_shapes=[list(s) for s in plan.kernel_shapes], skipped=[])
     for kin, n in plan.kernel_shapes:
         args = bench_args(suite, plan, [(kin, n)], plan.kernel_batches, plan.kernel_repeats, plan.kernel_calls)
@@ -267,8 +273,9 @@ def step_packed_matmul(suite: Suite, plan: Plan, op: str, probe: dict | None):
         done = suite.seconds_of(f"{op} ")
         status, _ = suite.run(f"{op} {kin}x{n}", one_shape, estimate_s=max(done, default=0.0), file=file)
         if status != "done":
+            last = suite.manifest["steps"][-1]
             report["skipped"].append({"shape": [kin, n], "status": status,
-                                      "reason": suite.manifest["steps"][-1].get("reason") or suite.manifest["steps"][-1].get("error")})
+                                      "reason": last.get("reason") or last.get("error")})
             write_json(suite.out / file, report)
 
 
@@ -293,8 +300,8 @@ def step_rope(suite: Suite, plan: Plan, probe: dict | None):
             write_json(suite.out / "rope.json", report)
             return rows
 
-        status, _ = suite.run(f"rope {batch}x{tokens}", one_shape, estimate_s=max(suite.seconds_of("rope "), default=0.0),
-                              file="rope.json")
+        estimate = max(suite.seconds_of("rope "), default=0.0)
+        status, _ = suite.run(f"rope {batch}x{tokens}", one_shape, estimate_s=estimate, file="rope.json")
         if status != "done":
             report["skipped"].append({"shape": [batch, tokens], "status": status})
             write_json(suite.out / "rope.json", report)
@@ -311,15 +318,16 @@ def section_config(spec: dict):
     return cfg
 
 
-def estimate_variant(suite: Suite, section: str, impl: str) -> float:
+def estimate_variant(suite: Suite, section: str, impl: str, prior_s: float = 0.0) -> float:
     """Seconds a decode variant is expected to take: the last one of the same impl in this
-    section, else 1.5x the last XLA one (Triton compiles come on top), else 0 (unknown: run)."""
+    section, else 1.5x the last XLA one (Triton compiles come on top), else `prior_s` (the first
+    8B variant: ~30 s, from the CPU compile budget)."""
     rows = [s for s in suite.manifest["steps"] if s["status"] == "done" and s["name"].startswith(f"decode {section} ")]
     same = [s["seconds"] for s in rows if s["name"].endswith(f" {impl}")]
     if same:
         return same[-1]
     xla = [s["seconds"] for s in rows if s["name"].endswith(" xla")]
-    return 1.5 * xla[-1] if xla else 0.0
+    return 1.5 * xla[-1] if xla else prior_s
 
 
 def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, decode_report: dict):
@@ -385,6 +393,8 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
             cfg_v, params_v = params_for(name, rate)
             row["param_bytes"] = deployed_bytes(params_v)
             row["prepare_s"] = time.perf_counter() - t0
+            # live device bytes before compiling (this variant's weights, any cached pruned copies)
+            row["bytes_in_use_before"] = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
             # fresh traces: the dispatch log counts at trace time, and an identical program
             # traced before (the smoke section) would otherwise come from the cache, uncounted
             jax.clear_caches()
@@ -395,7 +405,8 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
             row["interpret"] = kcommon.resolve_interpret(None) if impl == "pallas" else None
             return row
 
-        v_status, _ = suite.run(step, run_variant, estimate_s=estimate_variant(suite, section, impl), file="decode.json")
+        estimate = estimate_variant(suite, section, impl, spec.get("prior_s", 0.0))
+        v_status, _ = suite.run(step, run_variant, estimate_s=estimate, file="decode.json")
         last = suite.manifest["steps"][-1]
         row["status"] = v_status
         row["wall_s"] = last.get("seconds")
@@ -417,19 +428,30 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
 # ----------------------------------------------------------------------------------------- main
 
 
-def run(out: Path, *, tiny: bool, budget_s: float) -> dict:
+STEPS = ("probe", "smoke", "w4a16", "bcq", "rope", "decode")
+
+
+def run(out: Path, *, tiny: bool, budget_s: float, steps=STEPS) -> dict:
     plan = TINY_PLAN if tiny else GPU_PLAN
     suite = Suite(out, budget_s, tiny)
     suite.manifest["plan"] = dataclasses.asdict(plan)
+    suite.manifest["selected_steps"] = list(steps)
     suite.manifest["environment"] = environment()
     suite.save()
-    probe = step_probe(suite, plan)
+    for name in STEPS:
+        if name not in steps:
+            suite.skip(name, "not selected (--steps)")
+    probe = step_probe(suite, plan) if "probe" in steps else None
     decode_report = {"probe": probe}
-    step_decode(suite, plan, "smoke", plan.smoke, plan.smoke_variants, decode_report)
-    step_packed_matmul(suite, plan, "w4a16", probe)
-    step_packed_matmul(suite, plan, "bcq", probe)
-    step_rope(suite, plan, probe)
-    step_decode(suite, plan, "main", plan.main, DECODE_VARIANTS, decode_report)
+    if "smoke" in steps:
+        step_decode(suite, plan, "smoke", plan.smoke, plan.smoke_variants, decode_report)
+    for op in ("w4a16", "bcq"):
+        if op in steps:
+            step_packed_matmul(suite, plan, op, probe)
+    if "rope" in steps:
+        step_rope(suite, plan, probe)
+    if "decode" in steps:
+        step_decode(suite, plan, "main", plan.main, DECODE_VARIANTS, decode_report)
     suite.manifest["finished"] = True
     suite.save()
     counts = {s: sum(st["status"] == s for st in suite.manifest["steps"]) for s in ("done", "skipped", "failed")}
@@ -444,10 +466,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help=f"wall-clock budget from interpreter start; later steps are skipped and recorded "
                          f"(default {DEFAULT_BUDGET_S:.0f})")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma list of the steps to run, e.g. to redo some in a second call "
+                         f"(default {','.join(STEPS)}); the probe gives the micro-benchmarks' bandwidth fractions")
     args = ap.parse_args(argv)
     if not math.isfinite(args.budget_s):
         ap.error("--budget-s must be finite")
-    manifest = run(args.out, tiny=args.tiny, budget_s=args.budget_s)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if not steps or any(s not in STEPS for s in steps):
+        ap.error(f"--steps must list some of {','.join(STEPS)}, got {args.steps!r}")
+    manifest = run(args.out, tiny=args.tiny, budget_s=args.budget_s, steps=steps)
     return 1 if any(s["status"] == "failed" for s in manifest["steps"]) else 0
 
 

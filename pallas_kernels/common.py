@@ -76,7 +76,8 @@ class DispatchLog:
         return self.counts[f"{op}/{implementation}"]
 
     def as_dict(self) -> dict:
-        return {"counts": dict(sorted(self.counts.items())), "fallback_reasons": dict(sorted(self.fallback_reasons.items()))}
+        return {"counts": dict(sorted(self.counts.items())),
+                "fallback_reasons": dict(sorted(self.fallback_reasons.items()))}
 
 
 _DISPATCH_LOGS: list[DispatchLog] = []

@@ -145,3 +145,14 @@ def test_step_over_its_estimate_is_skipped_and_failures_are_recorded(tmp_path):
     assert steps["fits"]["status"] == "done"
     assert steps["too long"]["status"] == "skipped" and "estimated 1000000 s" in steps["too long"]["reason"]
     assert steps["fails"]["status"] == "failed" and "kernel exploded" in steps["fails"]["error"]
+
+
+def test_steps_selects_a_subset_and_records_the_rest(tmp_path):
+    assert gpu_suite.main(["--out", str(tmp_path), "--tiny", "--steps", "probe"]) == 0
+    steps = {s["name"]: s for s in json.loads((tmp_path / "suite.json").read_text())["steps"]}
+    assert steps["probe"]["status"] == "done"
+    assert all(steps[n]["status"] == "skipped" and "not selected" in steps[n]["reason"]
+               for n in ("smoke", "w4a16", "bcq", "rope", "decode"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json", "suite.json"]
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--out", str(tmp_path), "--steps", "probe,kernels"])
