@@ -421,6 +421,11 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
                          and r["impl"] == "xla" and r.get("status") == "done"), None)
             if twin:
                 row["speedup_vs_xla"] = row["tokens_per_s"] / twin["tokens_per_s"]
+                # greedy tokens of the same weights: bf16 rounding may flip a near-tie on random
+                # weights, so a late divergence is no error; no token matching at all would be
+                same = [a == b for a, b in zip(row["generated"], twin["generated"])]
+                row["tokens_equal_to_xla"] = {"leading": same.index(False) if False in same else len(same),
+                                              "fraction": sum(same) / max(len(same), 1)}
         save()
     state.clear()
 

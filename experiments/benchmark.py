@@ -119,11 +119,12 @@ def quantize_rtn_tree(cfg, params, group_size: int, table: dict):
     return out
 
 
-def timed(fn, *args, repeats: int = 3):
+def timed(fn, *args, repeats: int = 3, warmup: bool = True):
     """Median wall time of fn(*args) after one warm-up call (compilation excluded)."""
     import jax
 
-    jax.block_until_ready(fn(*args))
+    if warmup:
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -207,16 +208,25 @@ def bench_variant(cfg, params, prompt, new_tokens, impl, *, repeats: int = 3, co
     """Prefill = the compiled prefill program; per-token decode time from the difference to a
     compiled generate of `new_tokens` (both whole programs, see `decode_programs`).
     Compilation is timed apart from running (``lower_s`` / ``compile_s`` per program, then the
-    first run as warm-up), and the full program's memory analysis is reported."""
+    first run as warm-up), the full program's memory analysis is reported, and `generated` holds
+    its greedy tokens (batch row 0) so that implementations can be compared
+    (`prefill_token_matches`: the prefill program's token is the full program's first)."""
+    import jax
+    import numpy as np
+
     result = {}
     for name, fn in decode_programs(cfg, new_tokens, impl).items():
         compiled, times = compile_timed(fn, params, prompt, compiler_options=compiler_options)
-        result[name] = dict(times, run_s=timed(compiled, params, prompt, repeats=repeats),
-                            program_bytes=program_bytes(compiled))
+        first = jax.block_until_ready(compiled(params, prompt))  # the warm-up run; its output is kept
+        result[name] = dict(times, run_s=timed(compiled, params, prompt, repeats=repeats, warmup=False),
+                            program_bytes=program_bytes(compiled), output=first)
     one, full = result["prefill"]["run_s"], result["full"]["run_s"]
+    generated = np.asarray(result["full"]["output"])[0, prompt.shape[1]:].tolist()
     per_token = max(full - one, 1e-9) / (new_tokens - 1)
     return {"prefill_s": one, "total_s": full, "ms_per_output_token": 1e3 * per_token,
             "tokens_per_s": 1.0 / per_token, "peak_bytes": peak_memory(),
+            "generated": generated,
+            "prefill_token_matches": int(np.asarray(result["prefill"]["output"])[0]) == generated[0],
             "lower_s": {k: v["lower_s"] for k, v in result.items()},
             "compile_s": {k: v["compile_s"] for k, v in result.items()},
             "program_bytes": result["full"]["program_bytes"]}

@@ -97,6 +97,8 @@ def test_decode_variants_finite_and_pallas_really_ran(dry_run, section):
                                v["speedup_vs_bf16"], v["param_bytes"], v["program_bytes"]["peak_estimate"],
                                *v["compile_s"].values(), *v["lower_s"].values())
         assert set(v["compile_s"]) == {"prefill", "full"}
+        assert len(v["generated"]) == sec["new_tokens"] and all(0 <= t < sec["vocab_size"] for t in v["generated"])
+        assert v["prefill_token_matches"] is True  # the prefill program computes the full program's first step
         counts = v["ran"]["counts"]
         if v["impl"] == "pallas":
             # every packed product of a decode step (q, k, v, o, gate, up, down per layer, the head)
@@ -112,6 +114,7 @@ def test_decode_variants_finite_and_pallas_really_ran(dry_run, section):
     if ("w4", 0.0, "xla") in by:
         assert by[("w4", 0.0, "xla")]["param_bytes"] < 0.35 * by[("bf16", 0.0, "xla")]["param_bytes"]
         assert by[("w4", 0.35, "pallas")]["param_bytes"] < by[("w4", 0.0, "xla")]["param_bytes"]
+        assert 0 <= by[("w4", 0.0, "pallas")]["tokens_equal_to_xla"]["fraction"] <= 1
         assert by[("w4", 0.0, "pallas")]["speedup_vs_xla"] == pytest.approx(
             by[("w4", 0.0, "pallas")]["tokens_per_s"] / by[("w4", 0.0, "xla")]["tokens_per_s"])
 
