@@ -107,7 +107,7 @@ def _bcq_dequant_kernel(x_ref, planes_ref, alpha_ref, offset_ref, *refs, m: int,
                 w_j = alphas[i] * sign if w_j is None else w_j + alphas[i] * sign
             w_j = w_j + offset
             x_j = plt.load(x_ref.at[:, rows, jnp.int32(j)], mask=row_ok, other=0)  # [BM, BK/8]
-            acc += pl.dot(x_j, w_j.astype(x_j.dtype))
+            acc += plt.dot(x_j, w_j.astype(x_j.dtype))
         return acc
 
     tiling.accumulate_and_store(step, n_steps, (block_m, block_n), out_ref, row_ok & col_ok)

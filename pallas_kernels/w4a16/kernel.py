@@ -78,8 +78,8 @@ def _w4a16_kernel(x_ref, codes_ref, scales_ref, *refs, m: int, n: int, group_siz
                                        group_size // 2)
         w_even = ((packed & 0xF).astype(jnp.float32) - 8.0) * scale  # rows k0, k0+2, ...
         w_odd = ((packed >> 4).astype(jnp.float32) - 8.0) * scale  # rows k0+1, k0+3, ...
-        acc += pl.dot(x_even, w_even.astype(x_even.dtype))
-        acc += pl.dot(x_odd, w_odd.astype(x_odd.dtype))
+        acc += plt.dot(x_even, w_even.astype(x_even.dtype))
+        acc += plt.dot(x_odd, w_odd.astype(x_odd.dtype))
         return acc
 
     tiling.accumulate_and_store(step, n_steps, (block_m, block_n), out_ref, row_ok & col_ok)
