@@ -7,13 +7,17 @@ published dict written back verbatim as config.json; then ``hf.load`` must give 
 and the attributes accepted only because transformers' config class does not define them must be
 exactly the expected ones (``IGNORED``).
 
-Sources. ``verbatim copy`` means the dict was checked against a copy of the published file found in a
-public repository (the index gave the text, not always the repository name); ``transcribed`` means it
-was written from the published file's contents as known to the author and could not be checked against
-a copy here (a difference would only be in attributes these tests then fail to exercise).
+Sources. ``verbatim copy`` means the dict was checked against a copy of the published file: a page of the
+model repo on huggingface.co stored by the docs search (Bamba-9B, mamba2-130m-hf, SmolLM2-1.7B-Instruct: the
+dict also reproduces the byte size the repo lists for the file) or a copy in a public GitHub repository
+(Llama-3.2-1B: a config.json committed verbatim; Llama-3.1-8B, Qwen2.5-0.5B, SmolLM2-135M, Mamba-Codestral,
+Nemotron-H-8B: copies in code or a README, some needing the small edits their source notes; no huggingface.co
+page of these files was found to check them further). ``transcribed, not verified`` (Qwen2.5-7B,
+SmolLM2-1.7B) means no copy of the base repo's own file was found anywhere searched (code search, exact-string
+search, the stored huggingface.co pages); those dicts are the author's transcription and stay only as cases.
 
-Not found (no case): Nemotron-H-4B-Base-8K and -56B-Base-8K (only trimmed excerpts of their configs
-were found; after shrinking they would restate the 8B case), Bamba-9B-v2.
+Not found (no case): Nemotron-H-4B-Base-8K and -56B-Base-8K (only trimmed excerpts and recipe names; no
+config.json), Bamba-9B-v2 (only its file listing, config.json 989 bytes, not its content).
 """
 
 import json
@@ -49,7 +53,9 @@ PUBLISHED = {
                     num_hidden_layers=2, vocab_size=256),
         ignored=[]),
     "Llama-3.2-1B": dict(
-        source="https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (transcribed)",
+        source="https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (verbatim copy: "
+               "github.com/MatthewGoldsberry/LLM-Projects, Llama-3.2-1B/config.json at commit "
+               "bf1733705e944f312bf5564d13932a9b6de21606, compared key by key)",
         config={
             "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
             "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
@@ -78,7 +84,10 @@ PUBLISHED = {
                     num_hidden_layers=2, vocab_size=256),
         ignored=[]),
     "Qwen2.5-7B": dict(
-        source="https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json (transcribed)",
+        source="https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json (transcribed, not verified: "
+               "code search (find_string on 18944 / max_window_layers 28 / vocab 152064, model-page dumps) and the "
+               "stored huggingface.co pages found only Qwen2.5-7B-Instruct, Qwen2-7B and fine-tunes of the base "
+               "whose _name_or_path is Qwen/Qwen2.5-7B, never the base repo's own file)",
         config={
             "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
             "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
@@ -106,7 +115,9 @@ PUBLISHED = {
                     num_hidden_layers=2, vocab_size=256),
         ignored=["is_llama_config"]),
     "SmolLM2-1.7B": dict(
-        source="https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B/blob/main/config.json (transcribed)",
+        source="https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B/blob/main/config.json (transcribed, not "
+               "verified: code search and the stored huggingface.co pages found the -Instruct file (case below) "
+               "and fine-tunes of the base, never the base repo's own file)",
         config={
             "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
             "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 2048,
@@ -137,16 +148,19 @@ PUBLISHED = {
                     num_hidden_layers=2, vocab_size=256),
         ignored=["norm_before_gate"]),
     "mamba2-130m-hf": dict(
-        source="https://huggingface.co/AntonV/mamba2-130m-hf/blob/main/config.json (transcribed)",
+        source="https://huggingface.co/AntonV/mamba2-130m-hf/blob/97d2a95f2466fec3dbc48fbc16ac63c4a2525d9b/config.json "
+               "(verbatim copy of that page, found by docs search; config.json last changed by commit ee4eabb "
+               "'Upload 5 files'; json.dumps(indent=2) of this dict plus a newline is 756 bytes, the size the "
+               "repo's file listing gives). It has no 'architectures' key.",
         config={
-            "architectures": ["Mamba2ForCausalLM"], "bos_token_id": 0, "chunk_size": 256, "conv_kernel": 4,
-            "eos_token_id": 0, "expand": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 768,
-            "initializer_range": 0.1, "layer_norm_epsilon": 1e-05, "model_type": "mamba2", "n_groups": 1,
-            "num_heads": 24, "num_hidden_layers": 24, "pad_token_id": 0, "rescale_prenorm_residual": False,
-            "residual_in_fp32": True, "rms_norm": True, "state_size": 128, "tie_word_embeddings": True,
-            "time_step_floor": 0.0001, "time_step_limit": [0.0, INF], "time_step_max": 0.1, "time_step_min": 0.001,
-            "time_step_rank": 48, "torch_dtype": "float32", "transformers_version": "4.44.0.dev0",
-            "use_bias": False, "use_cache": True, "use_conv_bias": True, "vocab_size": 50288},
+            "bos_token_id": 0, "chunk_size": 256, "conv_kernel": 4, "eos_token_id": 0, "expand": 2, "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 768, "initializer_range": 0.1, "layer_norm_epsilon": 1e-05,
+            "model_type": "mamba2", "n_groups": 1, "num_heads": 24, "num_hidden_layers": 24, "pad_token_id": 0,
+            "rescale_prenorm_residual": False, "residual_in_fp32": True, "rms_norm": True, "state_size": 128,
+            "tie_word_embeddings": True, "time_step_floor": 0.0001, "time_step_limit": [0.0, INF],
+            "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 256,
+            "transformers_version": "4.45.0.dev0", "use_bias": False, "use_cache": True, "use_conv_bias": True,
+            "vocab_size": 50288},
         shrink=dict(hidden_size=32, head_dim=8, num_heads=8, state_size=8, num_hidden_layers=2, vocab_size=256),
         ignored=[]),
     "Nemotron-H-8B-Base-8K": dict(
@@ -176,21 +190,41 @@ PUBLISHED = {
                     num_key_value_heads=2, vocab_size=256),
         ignored=[]),
     "Bamba-9B": dict(
-        source="https://huggingface.co/ibm-ai-platform/Bamba-9B/blob/main/config.json (transcribed)",
+        source="https://huggingface.co/ibm-fms/Bamba-9B/blame/43f21514c01057cdbfbd5e3fbc97bd3df3360aba/config.json "
+               "(verbatim copy of that page, found by docs search; the repo is now ibm-ai-platform/Bamba-9B-v1; its "
+               "config.json was written once, by commit 2fb00d0 'Weights upload'; json.dumps(indent=2) of this "
+               "dict plus a newline is 886 bytes, the size every file listing of the repo gives). No rope_theta, "
+               "max_position_embeddings or torch_dtype; mamba_dt_rank is one transformers' BambaConfig lacks.",
         config={
             "architectures": ["BambaForCausalLM"], "attention_dropout": 0.0, "attn_layer_indices": [9, 18, 27],
-            "attn_rotary_emb": 64, "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 4096,
-            "initializer_range": 0.02, "intermediate_size": 14336, "mamba_chunk_size": 256, "mamba_conv_bias": True,
-            "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_expand": 2, "mamba_n_groups": 1,
-            "mamba_n_heads": 128, "mamba_proj_bias": False, "max_position_embeddings": 262144, "model_type": "bamba",
-            "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_logits_to_keep": 1,
-            "pad_token_id": 0, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16", "transformers_version": "4.48.0.dev0", "use_cache": True,
+            "attn_rotary_emb": 64, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+            "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "mamba_chunk_size": 256,
+            "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_state": 128,
+            "mamba_dt_rank": 256, "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 128,
+            "mamba_proj_bias": False, "model_type": "bamba", "num_attention_heads": 32, "num_hidden_layers": 32,
+            "num_key_value_heads": 8, "num_logits_to_keep": 1, "pad_token_id": 0, "rms_norm_eps": 1e-05,
+            "tie_word_embeddings": False, "transformers_version": "4.47.0.dev0", "use_cache": True,
             "use_mamba_kernels": True, "vocab_size": 128256},
         shrink=dict(hidden_size=64, attn_layer_indices=[1], attn_rotary_emb=8, intermediate_size=96, mamba_d_head=16,
                     mamba_d_state=8, mamba_n_heads=8, num_attention_heads=4, num_hidden_layers=3,
                     num_key_value_heads=2, vocab_size=256),
-        ignored=["use_mamba_kernels"]),
+        ignored=["mamba_dt_rank", "use_mamba_kernels"]),
+    "SmolLM2-1.7B-Instruct": dict(
+        source="https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B-Instruct/blob/"
+               "dfc017ec3d4e0eaed394f8bf2a0fd2ff24f8b2cd/config.json (verbatim copy of that page, found by docs "
+               "search; file from commit a587c08; json.dumps(indent=2) of this dict plus a newline is 737 bytes, "
+               "the size the page gives)",
+        config={
+            "_name_or_path": "loubnabnl/smollm2-1.7B-8k-mix7-ep2-v2", "architectures": ["LlamaForCausalLM"],
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 8192, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
+            "num_hidden_layers": 24, "num_key_value_heads": 32, "pad_token_id": 2, "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 130000, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152},
+        shrink=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                    num_hidden_layers=2, vocab_size=256),
+        ignored=[]),
 }
 
 
