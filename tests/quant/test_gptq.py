@@ -231,3 +231,42 @@ def test_rejects_bad_shapes():
         gptq_quantize(jnp.ones((100, 8)), jnp.eye(100), group_size=32)
     with pytest.raises(ValueError, match="Hessian shape"):
         gptq_quantize(jnp.ones((64, 8)), jnp.eye(32), group_size=32)
+
+
+def test_tied_table_quantized_as_the_head_it_is():
+    """`tied_head_gptq`: a tied embedding quantized with GPTQ on the final hidden states (the head's inputs)
+    has a lower head output error on those states than per-row RTN, keeps the row-table layout that
+    embedding lookups read (same packing along D), and its rows are the transposed head exactly."""
+    import uniql_jax as uq
+    from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
+    from uniql_jax.models.stacks import bind
+    from uniql_jax.quant import rtn
+    from uniql_jax.quant.quantize import transposed_table
+
+    cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, tie_word_embeddings=True, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rotary_dim=16, intermediate_size=128,
+                      blocks=(AttentionBlock(0, 8, 0, 16), MLPBlock(0, 128)))
+    params = uq.init_params(cfg, seed=1)
+    params["embed"] = params["embed"] * 20  # a table of realistic scale (init is 0.02)
+    calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 32)).astype(np.int32)
+    kw = dict(method="gptq", bits=4, group_size=32, progress=False)
+    as_head = uq.quantize(cfg, params, calib, tied_head_gptq=True, **kw)
+    per_row = uq.quantize(cfg, params, calib, **kw)
+    assert as_head["embed"].shape == per_row["embed"].shape == (96, 64) and as_head["embed"].axis == 1
+
+    # the head's inputs as the driver saw them: float embedding lookup, then the quantized blocks
+    model = bind(cfg, {**as_head, "embed": params["embed"]})
+    positions = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), calib.shape)
+    h = np.asarray(model.hidden(jnp.asarray(calib), positions)[0]).reshape(-1, 64)
+    table = np.asarray(params["embed"])
+
+    def head_error(q):
+        return float(np.linalg.norm(h @ table.T - h @ np.asarray(qarray.dequantize(q)).T))
+
+    assert head_error(as_head["embed"]) < 0.9 * head_error(per_row["embed"])
+    ids = jnp.arange(cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(rtn.lookup_rows(as_head["embed"], ids)),
+                                  np.asarray(qarray.dequantize(as_head["embed"])))
+    head = qarray.quantize_rtn(jnp.asarray(table.T), bits=4, group_size=32, axis=0)
+    np.testing.assert_array_equal(np.asarray(qarray.dequantize(transposed_table(head))),
+                                  np.asarray(qarray.dequantize(head)).T)

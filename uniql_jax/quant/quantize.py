@@ -144,26 +144,33 @@ def quantize_weight(w, hessian, *, method, bits, group_size, n_contract, damp, a
 
 
 def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
-             table: dict | None = None, quantize_embeddings: bool = True, damp: float = 0.01, act_order: bool = False,
+             table: dict | None = None, quantize_embeddings: bool = True, embedding_bits: int | None = None,
+             tied_head_gptq: bool = False, damp: float = 0.01, act_order: bool = False,
              batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
     """Params with every linear weight packed (API.md ``uq.quantize``); norms, biases, convs, A, D stay float.
 
     `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
     pruned so that every stored rate slices whole groups; weights of an axis whose
     kept sizes share no multiple of 8 stay in 16 bits (logged).
+    `embedding_bits` (default: `bits`) quantizes the embedding table (and an untied
+    head) at another width, e.g. 8. `tied_head_gptq` (GPTQ only): a tied table is also
+    the output head, a linear over the final hidden states; quantize it with GPTQ on
+    those inputs (groups along D, the same packed layout) instead of per-row RTN.
     """
+    if embedding_bits is None:
+        embedding_bits = bits
     if method == "uniquan":
         from uniql_jax.quant import uniquan_driver
 
         return uniquan_driver.quantize(cfg, params, calib, bits=bits, group_size=group_size, table=table,
-                                       quantize_embeddings=quantize_embeddings, batch_size=batch_size, mesh=mesh,
-                                       progress=progress)
+                                       quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits,
+                                       batch_size=batch_size, mesh=mesh, progress=progress)
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
     t0 = time.perf_counter()
     if method == "rtn":  # no Hessian: no calibration pass (`calib` is not read)
         out, skipped = rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
-                                          quantize_embeddings=quantize_embeddings)
+                                          quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits)
         _log_done(method, bits, cfg, skipped, t0)
         return out
     blocks = list(params["blocks"])
@@ -192,15 +199,20 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     out = {**params, "blocks": blocks}
     if quantize_embeddings:
         D = cfg.hidden_size
-        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=bits,
-                                                  group_size=group_size_for([D], group_size))
+        gs = group_size_for([D], group_size)
+        h = rms_norm(jnp.asarray(run["final"]), jnp.asarray(params["final_norm"], F32), cfg.rms_norm_eps)
+        h = np.asarray(h, np.float32).reshape(-1, D)
+        head_hessian = 2.0 * (h.T @ h) / len(h)  # the head's inputs: the final normalized hidden states
+        if cfg.tie_word_embeddings and tied_head_gptq and method == "gptq":
+            head = quantize_weight(jnp.asarray(params["embed"], F32).T, head_hessian, method=method,
+                                   bits=embedding_bits, group_size=gs, n_contract=1, damp=damp, act_order=act_order)
+            out["embed"] = transposed_table(head)
+        else:
+            out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=embedding_bits,
+                                                      group_size=gs)
         if not cfg.tie_word_embeddings:
-            h = rms_norm(jnp.asarray(run["final"]), jnp.asarray(params["final_norm"], F32), cfg.rms_norm_eps)
-            h = np.asarray(h, np.float32).reshape(-1, D)
-            hessian = 2.0 * (h.T @ h) / len(h)
-            out["lm_head"] = quantize_weight(params["lm_head"], hessian, method=method, bits=bits,
-                                             group_size=group_size_for([D], group_size), n_contract=1, damp=damp,
-                                             act_order=act_order)
+            out["lm_head"] = quantize_weight(params["lm_head"], head_hessian, method=method, bits=embedding_bits,
+                                             group_size=gs, n_contract=1, damp=damp, act_order=act_order)
     _log_done(method, bits, cfg, skipped, t0)
     return out
 
@@ -211,8 +223,17 @@ def _log_done(method, bits, cfg, skipped, t0):
     log.info("%s %d-bit quantization of %d blocks in %.1f s", method, bits, len(cfg.blocks), time.perf_counter() - t0)
 
 
+def transposed_table(head_DxV: qarray.QArray) -> qarray.QArray:
+    """A head ``[D, V]`` quantized along D (axis 0) as the row table ``[V, D]`` along D (axis 1) that
+    embedding lookups read: the same codes and scales, transposed (packing runs along D either way)."""
+    if head_DxV.ndim != 2 or head_DxV.axis != 0:
+        raise ValueError(f"expected a [D, V] head quantized along axis 0, got {head_DxV!r}")
+    D, V = head_DxV.shape
+    return qarray.QArray(head_DxV.codes.T, head_DxV.scales.T, head_DxV.bits, head_DxV.group_size, 1, (V, D))
+
+
 def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
-                       quantize_embeddings: bool = True) -> tuple[dict, list[str]]:
+                       quantize_embeddings: bool = True, embedding_bits: int | None = None) -> tuple[dict, list[str]]:
     """(params, weights left in 16 bits): round-to-nearest needs no activations, so no calibration pass.
 
     Every weight with a recorded product is packed along its last contraction axis, in
@@ -235,8 +256,10 @@ def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bi
     out = {**params, "blocks": blocks}
     if quantize_embeddings:
         gs = group_size_for([cfg.hidden_size], group_size)
-        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=bits, group_size=gs)
+        embedding_bits = bits if embedding_bits is None else embedding_bits
+        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=embedding_bits,
+                                                  group_size=gs)
         if not cfg.tie_word_embeddings:
-            out["lm_head"] = quantize_weight(params["lm_head"], None, method="rtn", bits=bits, group_size=gs,
-                                             n_contract=1, damp=0.0, act_order=False)
+            out["lm_head"] = quantize_weight(params["lm_head"], None, method="rtn", bits=embedding_bits,
+                                             group_size=gs, n_contract=1, damp=0.0, act_order=False)
     return out, skipped

@@ -124,7 +124,7 @@ def _head_logits(p, h_BxTxD):
 
 
 def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size: int = 128, table: dict | None = None,
-             quantize_embeddings: bool = True, steps: int = 200, lr: float = 5e-3, alpha_lr_ratio: float = 0.1,
+             quantize_embeddings: bool = True, embedding_bits: int | None = None, steps: int = 200, lr: float = 5e-3, alpha_lr_ratio: float = 0.1,
              windows_per_step: int = 1, mix_prob: float = 0.5, period: int = 2, head_steps: int | None = None,
              seed: int = 0, batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
     """Params with every linear weight a ``BCQArray`` (``uq.quantize(..., method="uniquan")``).
@@ -140,6 +140,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size
     reconstructed on its logits for ``head_steps`` steps (default: ``steps`` when the fp
     logits of all windows, float32 [N, T, V], fit in ``HEAD_LOGITS_BUDGET``, else 0);
     0 steps is the unified-init BCQ fit alone (weight error, no data).
+    The embedding table is per-row RTN at `embedding_bits` (default `bits`), as in the GPTQ driver.
     Norms, biases, convs, A, D, dt stay float.
     """
     t0 = time.perf_counter()
@@ -147,7 +148,8 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size
     D = cfg.hidden_size
     out = dict(params)
     if quantize_embeddings:  # the GPTQ driver's embedding quantizer, so both methods share it
-        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=bits,
+        out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32),
+                                                  bits=bits if embedding_bits is None else embedding_bits,
                                                   group_size=group_size_for([D], group_size))
     x_fp = calibration.embed_windows(cfg, params, calib)
     x_q = calibration.embed_windows(cfg, out, calib)  # the quantized model starts from its quantized table
