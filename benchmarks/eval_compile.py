@@ -29,24 +29,18 @@ import jax
 import numpy as np
 
 import uniql_jax as uq
+from benchmarks.real_model import REPO, add_model_and_data_args
 from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps
 from uniql_jax.eval import blockwise_nll, window_nll, windows
 from uniql_jax.quant.quantize import allocation_steps
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.eval_compile", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                   help="HF folder or .gguf file (default: the shared SmolLM2-135M-Instruct)")
-    p.add_argument("--eval", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="evaluation text")
-    p.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"), help="allocation text")
-    p.add_argument("--windows", type=int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    add_model_and_data_args(p)
     p.add_argument("--before-rates", default="0,0.35", help="rates timed with whole-model programs (default 0,0.35)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "cpu-eval-compile-smollm2.json"), help="JSON output")
     return p

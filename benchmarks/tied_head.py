@@ -32,23 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import uniql_jax as uq
+from benchmarks.real_model import REPO, add_model_and_data_args
 from uniql_jax import data
 from uniql_jax.models.stacks import bind
 from uniql_jax.quant import gptq, qarray, rtn
 from uniql_jax.quant.quantize import transposed_table
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.tied_head", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                   help="a tied-embedding model: HF folder or .gguf (default: the shared SmolLM2-135M-Instruct)")
-    p.add_argument("--eval", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="evaluation text")
-    p.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"), help="calibration text")
-    p.add_argument("--windows", type=int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    add_model_and_data_args(p)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "cpu-tied-head-smollm2.json"), help="JSON output")
     return p
@@ -84,7 +78,6 @@ def main(argv=None):
     tokens = data.load_tokens(args.eval, tok)[: args.windows * args.seq_len]
     calib = data.calibration_windows(data.load_tokens(args.calib, tok), args.calib_windows, args.seq_len, seed=0)
     table = np.asarray(params["embed"], np.float32)
-    D = cfg.hidden_size
     rows, t_all = [], time.perf_counter()
 
     def ppl(name, p):
