@@ -231,7 +231,11 @@ def plot_report(report: dict, path: Path) -> None:
         series["16-bit (sorted, before quantization)"] = report["rates_16bit"]
     if "rates_before_finetune" in report:
         series["before fine-tuning"] = report["rates_before_finetune"]
-    fig, (ax_ppl, ax_mb) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy = report.get("accuracy")  # lm-eval accuracy per rate (compress --tasks)
+    fig, axes = plt.subplots(1, 3 if accuracy else 2, figsize=(15 if accuracy else 10, 4))
+    ax_ppl, ax_mb = axes[:2]
+    if accuracy:
+        plot_accuracy(axes[2], accuracy["rates"], f"lm-eval accuracy ({report['quantizer']} {report['bits']}-bit)")
     for name, rows in series.items():
         rates = [r["rate"] for r in rows]
         ax_ppl.plot(rates, [r["ppl"] for r in rows], marker="o", label=name)
@@ -244,6 +248,133 @@ def plot_report(report: dict, path: Path) -> None:
     for ax in (ax_ppl, ax_mb):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- lm-eval accuracy
+
+# tasks whose accuracy is conventionally reported length-normalized (lm-eval's acc_norm)
+ACC_NORM_TASKS = frozenset({"hellaswag", "arc_challenge", "openbookqa"})
+TASKS_DIR_HINT = "pass --tasks-dir DIR holding an lm-eval YAML task definition over local JSON lines"
+
+
+def add_task_args(p) -> None:
+    """--tasks / --num-fewshot / --limit / --tasks-dir, shared by evaluate and compress."""
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (e.g. hellaswag,piqa,arc_easy,arc_challenge,"
+                                   "winogrande): accuracy at every rate")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: each task's own, usually 0)")
+    p.add_argument("--limit", type=float, help="evaluate the first N documents of each task (a value < 1: that fraction)")
+    p.add_argument("--tasks-dir", help="folder of lm-eval YAML task definitions (e.g. over local JSON lines), "
+                                       "searched before lm-eval's registry")
+
+
+def load_tasks(args):
+    """(task names, TaskManager) of --tasks, each task built once here so that a task that is unknown or whose
+    data cannot be read is a one-line UsageError naming it (before any model work)."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise UsageError("--tasks is empty")
+    if args.tasks_dir and not Path(args.tasks_dir).is_dir():
+        raise UsageError(f"--tasks-dir {args.tasks_dir}: no such directory")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be positive, got {args.limit}")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager = TaskManager(include_path=str(Path(args.tasks_dir).resolve()) if args.tasks_dir else None)
+    for name in names:
+        try:
+            manager.load([name])
+        except KeyError:
+            raise UsageError(f"task {name!r} is neither in lm-eval's registry nor in --tasks-dir "
+                             f"({args.tasks_dir or 'not given'}); {TASKS_DIR_HINT}") from None
+        except Exception as e:  # the dataset could not be reached or read
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise UsageError(f"task {name!r}: its data could not be loaded ({type(e).__name__}: {first}); "
+                             f"offline, {TASKS_DIR_HINT}") from None
+    return names, manager
+
+
+def task_accuracy(rows_by_task: dict, task: str) -> tuple[str, float, float | None]:
+    """(metric name, value, standard error) reported for a task: acc_norm for ACC_NORM_TASKS, else acc,
+    else the task's first metric (e.g. word_perplexity of a rolling task)."""
+    metrics = {k.split(",")[0]: v for k, v in rows_by_task.items()
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    order = ("acc_norm", "acc") if task in ACC_NORM_TASKS else ("acc", "acc_norm")
+    name = next((m for m in order if m in metrics), next(iter(metrics), None))
+    if name is None:
+        raise ValueError(f"task {task}: no numeric metric in {sorted(rows_by_task)}")
+    stderr = rows_by_task.get(f"{name}_stderr,none")
+    return name, float(metrics[name]), stderr if isinstance(stderr, (int, float)) else None
+
+
+def accuracy_rows(lm, rates, names, manager, args, log=print) -> list[dict]:
+    """One lm-eval run per rate over the same in-memory model (`lm.set_rate`), in the order given.
+
+    Row: {"rate", "accuracy": {task: value}, "metric": {task: name}, "stderr": {task: se}, "n": {task: docs},
+    "average" (mean of the accuracy metrics; perplexities excluded), "seconds"}."""
+    import lm_eval
+
+    rows = []
+    for r in rates:
+        start = time.perf_counter()
+        lm.set_rate(r)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, num_fewshot=args.num_fewshot,
+                                      limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
+                                      bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+        row = {"rate": r, "accuracy": {}, "metric": {}, "stderr": {}, "n": {}}
+        for task in names:
+            for leaf in ([task] if task in out["results"] else sorted(out["group_subtasks"].get(task, []))):
+                metric, value, se = task_accuracy(out["results"][leaf], leaf)
+                row["accuracy"][leaf], row["metric"][leaf], row["stderr"][leaf] = value, metric, se
+                row["n"][leaf] = out.get("n-samples", {}).get(leaf, {}).get("effective")
+        accs = [v for t, v in row["accuracy"].items() if row["metric"][t].startswith("acc")]
+        row["average"] = sum(accs) / len(accs) if accs else None
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        log(f"rate {r:.2f}: " + ", ".join(f"{t} {row['metric'][t]} {v:.4f}" for t, v in row["accuracy"].items())
+            + (f"; average {row['average']:.4f}" if row["average"] is not None else "") + f" ({row['seconds']:.0f} s)")
+        rows.append(row)
+    return rows
+
+
+def accuracy_table(rows) -> str:
+    """Rows rates, columns tasks (accuracy in %, perplexities as they are) and the average."""
+    tasks = list(rows[0]["accuracy"])
+    width = max([10] + [len(t) + 1 for t in tasks])
+    lines = [f"{'rate':>6}" + "".join(f"{t:>{width}}" for t in tasks) + f"{'average':>{width}}",
+             f"{'':>6}" + "".join(f"{rows[0]['metric'][t]:>{width}}" for t in tasks) + f"{'(acc)':>{width}}"]
+    for row in rows:
+        cells = [f"{100 * v:.2f}" if row["metric"][t].startswith("acc") else f"{v:.3f}" for t, v in row["accuracy"].items()]
+        avg = "-" if row["average"] is None else f"{100 * row['average']:.2f}"
+        lines.append(f"{row['rate']:>6.2f}" + "".join(f"{c:>{width}}" for c in cells) + f"{avg:>{width}}")
+    return "\n".join(lines)
+
+
+def plot_accuracy(ax, rows, title="accuracy") -> None:
+    """Accuracy (%) against pruning rate, one line per accuracy task and the average."""
+    rates = [r["rate"] for r in rows]
+    for task, metric in rows[0]["metric"].items():
+        if metric.startswith("acc"):
+            ax.plot(rates, [100 * r["accuracy"][task] for r in rows], marker="o", label=f"{task} ({metric})")
+    if rows[0]["average"] is not None:
+        ax.plot(rates, [100 * r["average"] for r in rows], marker="s", color="black", lw=2, label="average")
+    ax.set(xlabel="pruning rate", ylabel="accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_accuracy_plot(rows, path: Path, title="accuracy") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_accuracy(ax, rows, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,10 +1,15 @@
-"""Perplexity of a compressed checkpoint over a grid of pruning rates.
+"""Perplexity (or lm-eval accuracy) of a compressed checkpoint over a grid of pruning rates.
 
     python -m experiments.evaluate --ckpt runs/llama-.../ [--rates 0,0.25] [--eval FILE] [--seq-len 256] [--json]
+    python -m experiments.evaluate --ckpt runs/llama-.../ --rates 0,0.15,0.25,0.35 --tasks hellaswag,piqa
+        [--num-fewshot K] [--limit N] [--tasks-dir DIR] [--out DIR] [--json]
 
 The full-rank model is read once; each rate is sliced in memory and evaluated block by
 block, one compiled program per distinct block shape shared by all rates (the compile
-count is reported).
+count is reported). With --tasks, each rate is one lm-eval run through the `uniql`
+backend (uniql_jax/harness.py) instead: a table (rows rates, columns tasks and their
+average), the same rows as JSON and a plot, written to --out (default: the run folder)
+as accuracy.json and accuracy.png.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ def build_parser():
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the one recorded at compression)")
     p.add_argument("--eval-windows", type=int,
                    help="evaluate on the first N windows only (default: the number recorded at compression; 0 = all)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (with --tasks: requests) per device per step (default 8)")
     p.add_argument("--json", action="store_true", help="print the rates list as JSON on stdout instead of a table")
+    common.add_task_args(p)
+    p.add_argument("--out", help="with --tasks: folder for accuracy.json and accuracy.png (default: the run folder)")
     return p
 
 
@@ -59,6 +66,8 @@ def run(argv=None):
     rates = common.parse_rates(args.rates) if args.rates else stored
     for r in rates:
         checkpoint.resolve_rate(info.cfg, info.table, r)  # out of range / not stored: one-line error before any work
+    if args.tasks:
+        return run_tasks(args, run_dir, ckpt, rates)
     seq_len = args.seq_len or int(info.meta.get("seq_len", 256))
     tokenizer = common.load_saved_tokenizer(run_dir)
     eval_spec = args.eval or info.meta.get("eval_source")
@@ -83,6 +92,35 @@ def run(argv=None):
         for row in rows:
             print(f"{row['rate']:>6.2f} {row['ppl']:>10.4f} {row['params']:>10d} {row['param_bytes'] / 1e6:>8.3f}")
     return rows, compiles
+
+
+def run_tasks(args, run_dir: Path, ckpt: Path, rates):
+    """lm-eval accuracy at every rate from one loaded checkpoint -> (rows, programs compiled)."""
+    import time
+
+    from uniql_jax import checkpoint, harness
+
+    start = time.perf_counter()
+    names, manager = common.load_tasks(args)  # unknown / unreachable task: one line, exit 2, before loading the model
+    out = user_path(args.out) if args.out else run_dir
+    tokenizer = common.load_saved_tokenizer(run_dir)
+    if hasattr(tokenizer, "pieces"):
+        raise common.UsageError(f"{run_dir}: a llama2.c tokenizer; --tasks needs a transformers tokenizer")
+    model = checkpoint.ElasticModel.from_checkpoint(ckpt)
+    lm = harness.UniQLM(elastic=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    rows = common.accuracy_rows(lm, rates, names, manager, args, log=log.info)
+    log.info("%d rates x %d tasks in %.0f s; %d compiled scoring programs (per bucket length: %s)", len(rates),
+             len(names), time.perf_counter() - start, lm.compile_count(), dict(sorted(lm.compiles.items())))
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"ckpt": str(ckpt), "tasks": names, "num_fewshot": args.num_fewshot, "limit": args.limit, "rates": rows}
+    common.write_json(out / "accuracy.json", result)
+    common.save_accuracy_plot(rows, out / "accuracy.png", title=f"{run_dir.name}: lm-eval accuracy")
+    log.info("wrote %s and %s", out / "accuracy.json", out / "accuracy.png")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(common.accuracy_table(rows))
+    return rows, lm.compile_count()
 
 
 def main(argv=None):
