@@ -86,10 +86,13 @@ def baseline_order(cfg: ModelConfig, params: dict, kind: str = "random", seed: i
 
 def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *, seq_len: int,
                    baselines=BASELINES, seed: int = 0, method: str = "block_influence", steps=None,
-                   batch_size: int = 8, progress: bool = False) -> dict:
+                   batch_size: int = 8, progress: bool = False, other_allocations=()) -> dict:
     """Importance check: perplexity at each rate for UniQL's order and the data-free baselines,
     all pruned with the same allocation table (computed once: the block influence does not
     depend on channel order, since every order computes the same function).
+
+    `other_allocations` (e.g. ``("uniform",)``): UniQL's order is also evaluated under the
+    tables of these allocation methods, as ``ppl["uniql_<method>"]``.
 
     Returns {"rates": [...], "dense_ppl": float, "dense_params": int, "params": [pruned parameter count
     per rate, the same for every order], "table": {...}, "ppl": {"uniql": [...], kind: [...]},
@@ -107,8 +110,12 @@ def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *,
     for kind in baselines:
         ordered[kind] = baseline_order(cfg, params, kind, seed)[1]
     rows = {name: evaluate_rates(cfg, p, table, eval_tokens, seq_len=seq_len) for name, p in ordered.items()}
+    for other in other_allocations:
+        other_table = allocate(cfg, params, calib, rates, method=other, steps=steps, batch_size=batch_size)
+        rows[f"uniql_{other}"] = evaluate_rates(cfg, ordered["uniql"], other_table, eval_tokens, seq_len=seq_len)
     ppl = {name: [row["ppl"] for row in r] for name, r in rows.items()}
     return {"rates": rates, "dense_ppl": perplexity(cfg, params, eval_tokens, seq_len=seq_len),
             "dense_params": param_count(cfg), "params": [row["params"] for row in rows["uniql"]],
+            "params_other_allocations": {k: [row["params"] for row in rows[f"uniql_{k}"]] for k in other_allocations},
             "table": table, "ppl": ppl,
             "timings_s": {"allocate": t1 - t0, "sort": t2 - t1, "evaluate": time.perf_counter() - t2}}
