@@ -101,7 +101,7 @@ def write_text_tasks(folder, documents: list[str], *, name: str = "stories", n_i
 
     Writes into `folder` (give it to ``TaskManager(include_path=...)`` / ``--tasks-dir``):
 
-    * ``{name}_cloze``: multiple choice (acc, acc_norm). Context: the first k >= 2 sentences of a
+    * ``{name}_cloze``: multiple choice (acc, acc_norm). Context: the first 1 to 3 sentences of a
       document; choices: its true next sentence among `n_choices - 1` next sentences of other
       documents (a HellaSwag-style cloze). A model that learned the text ranks the true one first
       more often than 1 / n_choices.
@@ -118,12 +118,12 @@ def write_text_tasks(folder, documents: list[str], *, name: str = "stories", n_i
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     split = [[s for s in re.split(r"(?<=[.!?])\s+", d.strip()) if s] for d in documents]
-    usable = [i for i, sents in enumerate(split) if len(sents) >= 3]
+    usable = [i for i, sents in enumerate(split) if len(sents) >= 2]
     if len(usable) < n_choices:
-        raise ValueError(f"need at least {n_choices} documents of 3 or more sentences, got {len(usable)}")
+        raise ValueError(f"need at least {n_choices} documents of 2 or more sentences, got {len(usable)}")
     items = []
     for i in usable[:n_items]:
-        k = rng.randrange(2, len(split[i]))
+        k = rng.randrange(1, min(4, len(split[i])))
         others = rng.sample([j for j in usable if j != i], n_choices - 1)
         choices = [split[i][k]] + [split[j][rng.randrange(1, len(split[j]))] for j in others]
         order = list(range(n_choices))
@@ -191,6 +191,7 @@ class UniQLM(TemplateLM):
         self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("1", "true")
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         self.compiles: collections.Counter = collections.Counter()  # bucket length T -> programs compiled
+        self.batches: collections.Counter = collections.Counter()  # bucket length T -> batches run
         if self.elastic is not None:
             self.set_rate(None if rate is None else float(rate))
         else:
@@ -219,6 +220,7 @@ class UniQLM(TemplateLM):
         before = fn._cache_size()
         out = fn(self.cfg, self.params, *(jax.device_put(a, self._rows) for a in arrays))
         self.compiles[T] += fn._cache_size() - before
+        self.batches[T] += 1
         return out
 
     # ----- lm-eval properties (as HFLM) ------------------------------------------------------
