@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.hf import CheckpointError
+from converters.errors import CheckpointError
 
 # general.architecture -> our arch (the HF model_type)
 ARCHS = {"llama": "llama", "qwen2": "qwen2"}

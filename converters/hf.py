@@ -46,14 +46,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from converters.errors import CheckpointError  # noqa: F401  (re-exported: callers catch hf.CheckpointError)
 from uniql_jax.config import ModelConfig
 from uniql_jax.quant.qarray import is_qarray
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or converted (message names the problem)."""
 
 
 # model_type in config.json -> module in converters.mappings (the module's arch names are the same)

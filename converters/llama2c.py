@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.hf import CheckpointError, TensorTaker
+from converters.errors import CheckpointError
+from converters.hf import TensorTaker
 from converters.mappings import llama as llama_mapping
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
 

@@ -12,7 +12,9 @@ axes of w are its *leading* axes and the quantized axis is the *last* of them, e
 Then the packed arrays reshape (a free view, groups stay contiguous because every group lies
 inside one run of the quantized axis) to a 2-D packed weight [prod(contraction), prod(rest)],
 x reshapes to [M, prod(contraction)], one kernel call, and the result reshapes back.
-Specs outside the rule fall back to dequantize + einsum (`layers.wdot(..., "xla")`).
+Specs outside the rule fall back to dequantize + einsum (`packed.dense_einsum`, what
+`layers.wdot(..., "xla")` computes). The packed-weight helpers come from the formats layer
+(`uniql_jax.quant.packed`): this dispatcher sits below the models and never imports them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import record_dispatch
 from uniql_jax.quant import qarray
+from uniql_jax.quant.packed import dense_einsum, is_packed
+from uniql_jax.quant.packed import flatten_contraction as flatten_packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,23 +66,6 @@ def plan_spec(spec: str, x_ndim: int, w_ndim: int, w_axis: int) -> Plan | None:
     return Plan(n_contract, x_perm, out_perm)
 
 
-def flatten_packed(w, n_contract: int):
-    """A packed weight with `n_contract` leading contraction axes (the last one quantized) as
-    the 2-D packed weight [prod(contraction), prod(rest)], quantized along axis 0. Views only."""
-    kin = math.prod(w.shape[:n_contract])
-    n = math.prod(w.shape[n_contract:])
-    lead = lambda a: math.prod(a.shape[:n_contract])  # noqa: E731
-    if qarray.is_qarray(w):
-        return qarray.QArray(w.codes.reshape(lead(w.codes), n), w.scales.reshape(lead(w.scales), n),
-                             w.bits, w.group_size, 0, (kin, n))
-    from uniql_jax.quant import bcq
-
-    if bcq.is_bcq(w):  # planes pre+(n/8, k)+post, alpha pre+(G, k)+post, offset pre+(G,)+post
-        return bcq.BCQArray(w.planes.reshape(lead(w.planes), w.bits, n), w.alpha.reshape(lead(w.alpha), w.bits, n),
-                            w.offset.reshape(lead(w.offset), n), w.bits, w.group_size, 0, (kin, n))
-    raise TypeError(f"not a packed weight: {type(w).__name__}")
-
-
 def _matmul_2d(x2, w2, interpret):
     if qarray.is_qarray(w2):
         from pallas_kernels.w4a16 import api as w4a16_api
@@ -88,14 +76,6 @@ def _matmul_2d(x2, w2, interpret):
     return bcq_api.matmul(x2, w2, implementation="pallas", interpret=interpret)
 
 
-def is_packed(w) -> bool:
-    if qarray.is_qarray(w):
-        return True
-    from uniql_jax.quant import bcq
-
-    return bcq.is_bcq(w)
-
-
 def packed_einsum(spec: str, x: jax.Array, w, *, interpret: bool | None = None) -> jax.Array:
     """einsum(spec, x, w) in x.dtype (float32 accumulation) with packed weights on the kernels.
 
@@ -103,17 +83,13 @@ def packed_einsum(spec: str, x: jax.Array, w, *, interpret: bool | None = None) 
     module rule: one kernel call; otherwise dequantize + einsum. Both choices, and the kernel
     dispatchers' own, are recorded for `common.dispatch_log`.
     """
-    from uniql_jax.models import layers  # deferred: layers imports this module lazily too
-
-    from pallas_kernels.common import record_dispatch
-
     if not is_packed(w):
         record_dispatch("packed_einsum", "xla")  # a dense weight: nothing for the kernels
-        return layers.wdot(spec, x, w, "xla")
+        return dense_einsum(spec, x, w)
     plan = plan_spec(spec, x.ndim, w.ndim, w.axis)
     if plan is None:
         record_dispatch("packed_einsum", "fallback", f"spec {spec} outside the leading-contraction rule")
-        return layers.wdot(spec, x, w, "xla")
+        return dense_einsum(spec, x, w)
     w2 = flatten_packed(w, plan.n_contract)
     xt = jnp.transpose(x, plan.x_perm)
     batch_shape = xt.shape[: x.ndim - plan.n_contract]

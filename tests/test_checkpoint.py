@@ -21,9 +21,11 @@ import pytest
 
 import uniql_jax as uq
 from uniql_jax import checkpoint as ck
-from uniql_jax.compress.prune import abstract_params, prune
+from uniql_jax.compress.prune import prune
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig, config_from_dict, config_to_dict
 from uniql_jax.quant import qarray
+
+from tests.helpers import data_dir, largest_data_file, random_params
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -52,20 +54,6 @@ QUANT_TABLE = {
     0.35: (AttentionBlock(0, 16, 0, 40), MLPBlock(0, 512), AttentionBlock(1, 24, 0, 32), MLPBlock(1, 384)),
 }
 META = {"model": "random-init", "data": "none", "seed": 0, "quantizer": "rtn", "bits": 4}
-
-
-def random_params(cfg: ModelConfig, seed: int):
-    """Gaussian weights, unit norms, identity pair indices (numpy: no per-shape XLA compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, sds):
-        if jnp.issubdtype(sds.dtype, jnp.integer):
-            return jnp.asarray(np.broadcast_to(np.arange(sds.shape[-1], dtype=sds.dtype), sds.shape))
-        if "norm" in jax.tree_util.keystr(path):
-            return jnp.ones(sds.shape, sds.dtype)
-        return jnp.asarray((0.05 * rng.standard_normal(sds.shape)).astype(sds.dtype))
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg))
 
 
 def quantize_params(params):
@@ -148,15 +136,6 @@ def quant(tmp_path_factory):
 def dense_copy(dense, tmp_path):
     """A private copy to damage."""
     return Path(shutil.copytree(dense[0], tmp_path / "ckpt"))
-
-
-def data_dir(path: Path) -> Path:
-    return path / json.loads((path / ck.MANIFEST).read_text())["body"]["data"]
-
-
-def largest_data_file(path: Path) -> Path:
-    files = [p for p in data_dir(path).rglob("*") if p.is_file() and ck._is_data_file(p.relative_to(data_dir(path)).as_posix())]
-    return max(files, key=lambda p: p.stat().st_size)
 
 
 # ---------------------------------------------------------------------------
@@ -527,7 +506,8 @@ def test_killed_save_keeps_previous_checkpoint(dense_copy, dense):
         sys.path.insert(0, {str(REPO)!r})
         import uniql_jax as uq
         from uniql_jax import checkpoint as ck
-        from tests.test_checkpoint import CFG, DENSE_TABLE, random_params
+        from tests.helpers import random_params
+        from tests.test_checkpoint import CFG, DENSE_TABLE
         ck._commit = lambda path, body: os._exit(17)
         ck.save({str(dense_copy)!r}, CFG, random_params(CFG, seed=9), table=DENSE_TABLE)
     """)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.hf import CheckpointError
+from converters.errors import CheckpointError
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig  # noqa: F401
 
 

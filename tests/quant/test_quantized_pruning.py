@@ -1,7 +1,7 @@
 """Pruning a quantized model (UNIQL.md "Deployment", issue 6): slicing never re-quantizes.
 
 For all five architectures, a small random model is allocated with
-quantization-compatible steps (``quantize.allocation_steps``) and quantized once
+quantization-compatible steps (``plan.allocation_steps``) and quantized once
 (GPTQ through the driver, or RTN), 4 or 3 bits. Then, at several rates:
 
 * every packed weight of ``uq.prune(quantized)`` is, byte for byte, the leading box of
@@ -31,7 +31,7 @@ from uniql_jax.compress.allocate import blocks_for_fractions, default_steps, lay
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 from uniql_jax.quant import gptq, qarray, rtn
-from uniql_jax.quant.quantize import allocation_steps
+from uniql_jax.quant.plan import allocation_steps
 
 ARCHS = ("llama", "qwen2", "mamba2", "nemotron_h", "bamba")
 RATES = (0.0, 0.1, 0.2, 0.35)

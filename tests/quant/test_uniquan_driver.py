@@ -17,9 +17,9 @@ import pytest
 import uniql_jax as uq
 from uniql_jax.compress import calibration
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
-from uniql_jax.models.layers import weight
 from uniql_jax.quant import bcq, qarray, uniquan_driver as ud
-from uniql_jax.quant.quantize import kept_sizes, linear_contractions
+from uniql_jax.quant.packed import dense as weight
+from uniql_jax.quant.plan import kept_sizes, linear_contractions
 
 V, D, BITS = 64, 32, 3
 RATES = (0.0, 0.25, 0.5)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uniql_jax.config import AttentionBlock, ModelConfig
-from uniql_jax.models.layers import apply_rope, dense_init, rms_norm, rope_angles, rope_inv_freq, wdot
+from pallas_kernels.rope.reference import apply_rope, rope_angles
+from uniql_jax.models.layers import dense_init, rms_norm, rope_inv_freq, wdot
 
 
 def keep_mask(full: int, keep, dtype) -> jax.Array:

@@ -1,4 +1,10 @@
-"""Small shared pieces: weight products that accept packed weights, RMSNorm, RoPE tables."""
+"""Small shared pieces: weight products that accept packed weights, RMSNorm, RoPE tables.
+
+Packed weights are read through the formats' interface (`uniql_jax.quant.packed`); the RoPE
+rotation is the kernels' pure reference (`pallas_kernels.rope.reference`), so the XLA path and
+the kernel's reference are one function. Both are re-exported here (`weight`, `rope_angles`,
+`apply_rope`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from uniql_jax.quant import qarray
+from pallas_kernels.rope.reference import apply_rope, rope_angles  # noqa: F401  (the model's RoPE; re-exported)
+from uniql_jax.quant.packed import dense as weight  # noqa: F401  (re-exported: a dense view of any weight)
+from uniql_jax.quant.packed import dense_einsum, is_packed
 
 IMPLS = ("xla", "pallas")
 
@@ -29,15 +37,6 @@ def record_weight_inputs():
         _RECORDERS.pop()
 
 
-def weight(w, dtype):
-    """A dense view of a weight: dequantized if packed, cast to the compute dtype."""
-    if qarray.is_qarray(w):
-        return qarray.dequantize(w, dtype)
-    if hasattr(w, "dequantize"):  # other packed formats (BCQ) expose the same method
-        return w.dequantize(dtype)
-    return w.astype(dtype)
-
-
 def wdot(spec: str, x: jax.Array, w, impl: str = "xla") -> jax.Array:
     """einsum(spec, x, w) where `w` may be a dense array or a packed quantized weight.
 
@@ -46,11 +45,11 @@ def wdot(spec: str, x: jax.Array, w, impl: str = "xla") -> jax.Array:
     """
     if _RECORDERS:
         _RECORDERS[-1].append((spec, x, w))
-    if impl == "pallas" and (qarray.is_qarray(w) or hasattr(w, "dequantize")):
+    if impl == "pallas" and is_packed(w):
         from pallas_kernels import dispatch  # deferred: kernels are optional at import time
 
         return dispatch.packed_einsum(spec, x, w)
-    return jnp.einsum(spec, x, weight(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return dense_einsum(spec, x, w)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -79,28 +78,6 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> jax.Ar
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wl) & (wavelen <= low_wl)
     return jnp.where(medium, smoothed, scaled)
-
-
-def rope_angles(positions: jax.Array, inv_freq: jax.Array, pair_index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin for each token and kept pair, gathered through the stored pair indices.
-
-    positions [B, T] int; inv_freq [P0] (full rank); pair_index [K, P] -> cos, sin [B, T, K, P].
-    After sorting, pair p of kv head k carries the original frequency inv_freq[pair_index[k, p]].
-    """
-    freq = inv_freq[pair_index]  # [K, P]
-    ang = positions.astype(jnp.float32)[:, :, None, None] * freq[None, None]
-    return jnp.cos(ang), jnp.sin(ang)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, T, K, ..., 2, P] with cos/sin [B, T, K, P] (float32 math)."""
-    extra = x.ndim - 5  # query heads per kv head sit between K and the pair axes
-    c = cos.reshape(cos.shape[:3] + (1,) * extra + cos.shape[3:])
-    s = sin.reshape(c.shape)
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., 0, :], xf[..., 1, :]
-    out = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-2)
-    return out.astype(x.dtype)
 
 
 def dense_init(rngs, shape, fan_in: int, dtype):

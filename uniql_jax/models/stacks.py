@@ -22,7 +22,7 @@ from uniql_jax.models.attention import Attention
 from uniql_jax.models.mamba2 import Mamba2
 from uniql_jax.models.layers import dense_init, rms_norm, wdot, weight
 from uniql_jax.models.mlp import MLP
-from uniql_jax.quant import qarray, rtn
+from uniql_jax.quant import qarray
 
 BLOCK_MODULES = {"attention": Attention, "mlp": MLP, "mamba2": Mamba2}
 
@@ -34,7 +34,7 @@ def embed_lookup(table, tokens: jax.Array, dtype) -> jax.Array:
     so only the looked-up rows are dequantized.
     """
     if qarray.is_qarray(table):
-        return rtn.lookup_rows(table, tokens, dtype)
+        return qarray.lookup_rows(table, tokens, dtype)
     return table[tokens].astype(dtype)
 
 

@@ -18,6 +18,7 @@ exactly the same bytes (``slice_leading``): pruning never re-quantizes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -158,6 +159,23 @@ def slice_leading(q: QArray, axis: int, n: int) -> QArray:
         jax.lax.slice_in_dim(q.scales, 0, n // q.group_size, axis=axis),
         q.bits, q.group_size, q.axis, shape,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def lookup_rows(table: QArray, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Dequantized rows ``E[ids]`` of a row-quantized table ``QArray [V, D] (axis=1)``.
+
+    Gathers the packed bytes and scales of the requested rows only (``ids`` any
+    integer shape ``[...]`` -> ``[..., D]``), equal to ``dequantize(table)[ids]``.
+    """
+    if table.ndim != 2 or table.axis != 1:
+        raise ValueError(f"lookup_rows needs a [V, D] table quantized along axis 1, got {table!r}")
+    rows = QArray(
+        jnp.take(table.codes, ids.reshape(-1), axis=0),
+        jnp.take(table.scales, ids.reshape(-1), axis=0),
+        table.bits, table.group_size, 1, (ids.size, table.shape[1]),
+    )
+    return dequantize(rows, dtype).reshape(*ids.shape, table.shape[1])
 
 
 def is_qarray(x) -> bool:

@@ -9,7 +9,8 @@ this module only names the two uses the pipeline has:
 * ``rtn_quantize``            a linear ``W [Din, Dout]`` (``y = x @ W``), grouped along Din (axis 0);
 * ``rtn_quantize_embedding``  an embedding table ``E [V, D]``, grouped along D (axis 1),
   so that a token's row is dequantized from its own bytes and scales (UniQL quantizes
-  embeddings "per row" with RTN; a gather never touches another row).
+  embeddings "per row" with RTN; a gather never touches another row; the gather itself,
+  ``qarray.lookup_rows``, is part of the format).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from uniql_jax.quant import qarray
 from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.qarray import lookup_rows  # noqa: F401  (re-exported: a format operation, used by the models)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
@@ -44,20 +45,3 @@ def rtn_quantize_embedding(table_VxD: jax.Array, *, bits: int = 4, group_size: i
         raise ValueError(f"rtn_quantize_embedding expects a 2-D [V, D] table, got shape {table_VxD.shape}")
     d_model = table_VxD.shape[1]
     return qarray.quantize_rtn(table_VxD, bits=bits, group_size=group_size or d_model, axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def lookup_rows(table: QArray, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Dequantized rows ``E[ids]`` of a row-quantized table ``QArray [V, D] (axis=1)``.
-
-    Gathers the packed bytes and scales of the requested rows only (``ids`` any
-    integer shape ``[...]`` -> ``[..., D]``), equal to ``dequantize(table)[ids]``.
-    """
-    if table.ndim != 2 or table.axis != 1:
-        raise ValueError(f"lookup_rows needs a [V, D] table quantized along axis 1, got {table!r}")
-    rows = QArray(
-        jnp.take(table.codes, ids.reshape(-1), axis=0),
-        jnp.take(table.scales, ids.reshape(-1), axis=0),
-        table.bits, table.group_size, 1, (ids.size, table.shape[1]),
-    )
-    return qarray.dequantize(rows, dtype).reshape(*ids.shape, table.shape[1])

@@ -5,9 +5,9 @@ and ``bcq`` (the packed ``BCQArray``, slicing, nested planes); this driver walks
 model, in the same frame as the GPTQ driver (``quantize.py``):
 
 * which weights, along which axis, with which groups: every weight product a block
-  makes (``quantize.linear_contractions``), quantized along its last contraction axis
+  makes (``plan.linear_contractions``), quantized along its last contraction axis
   in groups that divide every size the rate table keeps of that axis
-  (``quantize.kept_sizes`` / ``group_size_for``), so a pruned slice of a BCQ weight is
+  (``plan.kept_sizes`` / ``group_size_for``), so a pruned slice of a BCQ weight is
   a whole number of groups and pruning never re-quantizes;
 * two residual streams run side by side over the calibration windows: the
   full-precision model (block inputs ``x_fp``, block outputs ``y_fp``) and the
@@ -42,7 +42,7 @@ from uniql_jax.config import ModelConfig
 from uniql_jax.eval import data_mesh
 from uniql_jax.models.layers import rms_norm
 from uniql_jax.quant import bcq, rtn, uniquan
-from uniql_jax.quant.quantize import group_size_for, kept_sizes, linear_contractions, linear_inputs
+from uniql_jax.quant.plan import group_size_for, kept_sizes, linear_contractions, linear_inputs
 
 log = logging.getLogger(__name__)
 F32 = jnp.float32
