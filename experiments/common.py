@@ -285,7 +285,12 @@ def load_tasks(args):
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit must be positive, got {args.limit}")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager = TaskManager(include_path=str(Path(args.tasks_dir).resolve()) if args.tasks_dir else None)
+    manager = None
+    if args.tasks_dir:  # only local tasks: skip indexing lm-eval's whole registry (seconds)
+        manager = TaskManager(include_path=str(Path(args.tasks_dir).resolve()), include_defaults=False)
+        if not all(name in manager.all_tasks for name in names):
+            manager = TaskManager(include_path=str(Path(args.tasks_dir).resolve()))
+    manager = manager or TaskManager()
     for name in names:
         try:
             manager.load([name])
