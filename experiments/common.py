@@ -346,6 +346,19 @@ def accuracy_rows(lm, rates, names, manager, args, log=print) -> list[dict]:
     return rows
 
 
+def accuracy_report(elastic, tokenizer, rates, names, manager, args, log=print) -> dict:
+    """lm-eval accuracy at every rate of an ElasticModel (one in-memory model, rates switched in-process):
+    {"tasks", "num_fewshot", "limit", "rates": accuracy_rows, "compiles": {bucket length: programs}}."""
+    from uniql_jax import harness
+
+    if hasattr(tokenizer, "pieces"):
+        raise UsageError("a llama2.c tokenizer: --tasks needs a transformers tokenizer")
+    lm = harness.UniQLM(elastic=elastic, tokenizer=tokenizer, batch_size=getattr(args, "batch_size", 8))
+    rows = accuracy_rows(lm, rates, names, manager, args, log=log)
+    return {"tasks": list(names), "num_fewshot": args.num_fewshot, "limit": args.limit, "rates": rows,
+            "compiles": {str(k): v for k, v in sorted(lm.compiles.items())}}
+
+
 def accuracy_table(rows) -> str:
     """Rows rates, columns tasks (accuracy in %, perplexities as they are) and the average."""
     tasks = list(rows[0]["accuracy"])

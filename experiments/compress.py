@@ -58,6 +58,7 @@ def build_parser():
     p.add_argument("--eval-windows", type=int, default=0,
                    help="evaluate on the first N windows of --eval only (default 0: all of it)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
+    common.add_task_args(p)  # --tasks ...: lm-eval accuracy per rate into report.json / report.png
     return p
 
 
@@ -122,6 +123,7 @@ def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     rates, out = check_args(args)
     common.setup_logging()
+    tasks = common.load_tasks(args) if args.tasks else None  # unknown / unreachable task: fails before any work
 
     import uniql_jax as uq
     from uniql_jax import data
@@ -172,7 +174,13 @@ def run(argv=None) -> Path:
                                  quantize_embeddings=not args.keep_embeddings_16bit)
     with timer.stage("evaluate"):
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
+    if tasks:
+        with timer.stage("accuracy"):
+            report["accuracy"] = common.accuracy_report(uq.checkpoint.ElasticModel(cfg, params, table), tokenizer,
+                                                        rates, *tasks, args, log=log.info)
     print_table(report)
+    if tasks:
+        print(common.accuracy_table(report["accuracy"]["rates"]))
     with common.staged_output(out, args.overwrite) as tmp:  # the report first: a failed save keeps it
         common.write_json(tmp / "report.json", report)
         common.plot_report(report, tmp / "report.png")

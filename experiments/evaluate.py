@@ -98,21 +98,18 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     """lm-eval accuracy at every rate from one loaded checkpoint -> (rows, programs compiled)."""
     import time
 
-    from uniql_jax import checkpoint, harness
+    from uniql_jax import checkpoint
 
     start = time.perf_counter()
     names, manager = common.load_tasks(args)  # unknown / unreachable task: one line, exit 2, before loading the model
     out = user_path(args.out) if args.out else run_dir
     tokenizer = common.load_saved_tokenizer(run_dir)
-    if hasattr(tokenizer, "pieces"):
-        raise common.UsageError(f"{run_dir}: a llama2.c tokenizer; --tasks needs a transformers tokenizer")
     model = checkpoint.ElasticModel.from_checkpoint(ckpt)
-    lm = harness.UniQLM(elastic=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    rows = common.accuracy_rows(lm, rates, names, manager, args, log=log.info)
+    result = {"ckpt": str(ckpt)} | common.accuracy_report(model, tokenizer, rates, names, manager, args, log=log.info)
+    rows, compiles = result["rates"], sum(result["compiles"].values())
     log.info("%d rates x %d tasks in %.0f s; %d compiled scoring programs (per bucket length: %s)", len(rates),
-             len(names), time.perf_counter() - start, lm.compile_count(), dict(sorted(lm.compiles.items())))
+             len(names), time.perf_counter() - start, compiles, result["compiles"])
     out.mkdir(parents=True, exist_ok=True)
-    result = {"ckpt": str(ckpt), "tasks": names, "num_fewshot": args.num_fewshot, "limit": args.limit, "rates": rows}
     common.write_json(out / "accuracy.json", result)
     common.save_accuracy_plot(rows, out / "accuracy.png", title=f"{run_dir.name}: lm-eval accuracy")
     log.info("wrote %s and %s", out / "accuracy.json", out / "accuracy.png")
@@ -120,7 +117,7 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
         print(json.dumps(rows, indent=2))
     else:
         print(common.accuracy_table(rows))
-    return rows, lm.compile_count()
+    return rows, compiles
 
 
 def main(argv=None):
