@@ -59,13 +59,8 @@ LAYERS = {
 # Upward imports known and left in place, each with the reason. Keep this empty if you can.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
-# Test files that import another test file, in files this step could not edit (shared with
-# concurrent work). Both import names that now live in tests/helpers.py (still re-exported by
-# tests/test_checkpoint.py): switch them to `tests.helpers` and empty this set.
-ALLOWED_TEST_IMPORTS = {
-    ("tests.experiments.conftest", "tests.test_checkpoint"),
-    ("tests.experiments.test_cli_errors", "tests.test_checkpoint"),
-}
+# Test files allowed to import another test file: none (shared fixtures live in tests/helpers.py).
+ALLOWED_TEST_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_files(root: Path, packages) -> dict[str, tuple[Path, bool]]:

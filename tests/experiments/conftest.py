@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     """A run folder laid out as compress writes it: checkpoint/ (random 2-layer llama, vocabulary of the
     default tokenizer), tokenizer/ (the llama default's), and eval.txt, recorded as its evaluation source."""
     import uniql_jax as uq
-    from tests.test_checkpoint import random_params
+    from tests.helpers import random_params
     from uniql_jax import data
     from uniql_jax.config import AttentionBlock, MLPBlock
 

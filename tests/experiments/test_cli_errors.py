@@ -164,7 +164,7 @@ def test_staged_output_replaces_the_whole_folder(tmp_path, monkeypatch):
 def damaged_copy(tiny_run, tmp_path, damage):
     import shutil
 
-    from tests.test_checkpoint import largest_data_file
+    from tests.helpers import largest_data_file
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     victim = largest_data_file(run / "checkpoint")
