@@ -111,3 +111,27 @@ def test_greedy_flag_and_generate_until_equal_hf(both):
 def test_bucket_lengths():
     assert [harness.bucket_length(n, min_bucket=16, max_length=100) for n in (1, 16, 17, 33, 64, 65, 100)] == \
         [16, 16, 32, 64, 64, 100, 100]
+
+
+def test_lm_eval_command_line_through_the_thin_wrapper(both, tasks_dir):
+    """`python -m uniql_jax.harness run ...` is lm-eval's own CLI with `uniql` registered: batch_size in
+    model_args wins over the CLI's default --batch_size, and its accuracy is the in-process one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tasks_dir.parent / "cli_out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "uniql_jax.harness", "run", "--model", "uniql", "--model_args",
+         f"pretrained={LLAMA},max_length={MAX_LEN},batch_size=4", "--tasks", "stories_cloze",
+         "--include_path", str(tasks_dir), "--output_path", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = out.rglob("results*.json")
+    got = json.loads(result_file.read_text())["results"]["stories_cloze"]
+    want = both[1]["results"]["stories_cloze"]
+    assert got["acc,none"] == want["acc,none"] and got["acc_norm,none"] == want["acc_norm,none"]

@@ -61,6 +61,9 @@ def window_nll(cfg: ModelConfig, params, batch, *, impl="xla", masks=None):
     return _next_token_nll_sums(forward(cfg, params, batch, impl=impl, masks=masks), batch)
 
 
+HEAD_CHUNK = 128  # positions per head matmul in BlockwiseNLL (bounds the float32 logits held at once)
+
+
 class BlockwiseNLL:
     """`window_nll` as a chain of small programs: embedding, each block, then norm + head + NLL.
 
@@ -69,7 +72,9 @@ class BlockwiseNLL:
     Here a block's program depends only on its own sizes (``stacks.block_key``), so
     it serves every layer, rate and model with those sizes; a rate grid compiles
     one program per distinct block shape, plus the embedding and the head. The
-    residual stream stays on the device between programs. ``programs`` counts the
+    residual stream stays on the device between programs; the head runs over
+    `HEAD_CHUNK` positions at a time, so the logits of a large vocabulary never exist
+    for a whole batch of windows. ``programs`` counts the
     compiled programs (``compiles()``).
     """
 
@@ -100,8 +105,24 @@ class BlockwiseNLL:
                 return embed_lookup(table, batch_BxT, final_norm.dtype)  # the compute dtype (norms stay float)
 
             def head_nll(table, lm_head, final_norm, x_BxTxD, batch_BxT):
-                h = rms_norm(x_BxTxD, final_norm, geometry.rms_norm_eps)
-                return _next_token_nll_sums(head_logits(geometry, table, lm_head, h, impl), batch_BxT)
+                # predictions of tokens 2..T, HEAD_CHUNK positions at a time: the float32 logits of a
+                # 49 k vocabulary are never materialized for the whole window at once
+                h = rms_norm(x_BxTxD[:, :-1], final_norm, geometry.rms_norm_eps)  # [B, T-1, D]
+                target = batch_BxT[:, 1:]  # [B, T-1]
+                B, n, D = h.shape
+                chunk = min(n, HEAD_CHUNK)
+                pad = (-n) % chunk
+                h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, chunk, D).swapaxes(0, 1)
+                target = jnp.pad(target, ((0, 0), (0, pad))).reshape(B, -1, chunk).swapaxes(0, 1)
+
+                def chunk_nll(args):
+                    h_BxCxD, t_BxC = args
+                    logits = head_logits(geometry, table, lm_head, h_BxCxD, impl).astype(jnp.float32)
+                    picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
+                    return jax.nn.logsumexp(logits, axis=-1) - picked  # [B, C]
+
+                nll = jax.lax.map(chunk_nll, (h, target)).swapaxes(0, 1).reshape(B, -1)[:, :n]  # [B, T-1]
+                return jnp.sum(nll, axis=-1)
 
             self._ends[key] = (jax.jit(embed), jax.jit(head_nll))
         return self._ends[key]

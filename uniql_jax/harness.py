@@ -1,12 +1,14 @@
 """The lm-evaluation-harness backend: zero-shot / few-shot accuracy of any (cfg, params).
 
-Importing this module registers the lm-eval model ``uniql``::
+Importing this module registers the lm-eval model ``uniql``. lm-eval's command line has no plugin
+hook, so this module is its thin wrapper: the same arguments, with the backend registered::
 
-    lm_eval --model uniql --model_args ckpt=runs/llama-x,rate=0.25 --tasks hellaswag --include_path ...
-    lm_eval --model uniql --model_args pretrained=HF_DIR_OR_GGUF,batch_size=8 --tasks piqa
+    python -m uniql_jax.harness --model uniql --model_args ckpt=runs/llama-x,rate=0.25 --tasks hellaswag
+    python -m uniql_jax.harness --model uniql --model_args pretrained=HF_DIR_OR_GGUF,batch_size=8 --tasks piqa
 
-(``lm_eval`` must import ``uniql_jax.harness`` first, e.g. through ``python -m experiments.evaluate
---tasks ...``, which does.) ``ckpt=DIR`` is an ``experiments.compress`` output folder (or its
+(a bare ``lm_eval --model uniql`` does not know the backend; from Python, ``import uniql_jax.harness``
+before ``lm_eval.simple_evaluate(model="uniql", ...)``; ``python -m experiments.evaluate --tasks ...``
+does it for every rate of a checkpoint). ``ckpt=DIR`` is an ``experiments.compress`` output folder (or its
 ``checkpoint/``): the full-rank model is read once into an ``ElasticModel`` and ``set_rate`` switches
 the pruning rate in-process. ``pretrained=`` is an uncompressed Hugging Face folder or GGUF file
 converted on the fly, spelled as lm-eval's own ``hf`` backend spells it. ``UniQLM(cfg=..., params=...,
@@ -153,6 +155,14 @@ class UniQLM(TemplateLM):
     """lm-eval LM over a uniql-jax model (see the module docstring for the model_args)."""
 
     backend = "causal"
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """As lm-eval's, except that a model_args entry wins over the same key from the CLI's own flags
+        (lm-eval's CLI always passes its --batch_size, default 1: with batch_size in model_args the
+        base method fails with "got multiple values")."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def __init__(self, ckpt=None, rate=None, pretrained=None, batch_size=8, max_length=None, max_gen_toks=256,
                  min_bucket=16, add_bos_token=None, prefix_token_id=None, *, cfg=None, params=None, tokenizer=None,
@@ -394,3 +404,9 @@ class UniQLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"arch": self.cfg.arch, "rate": getattr(self, "rate", None), "max_length": self.max_length}
+
+
+if __name__ == "__main__":  # lm-eval's own CLI with the `uniql` backend registered (see the docstring)
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
