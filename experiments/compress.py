@@ -43,6 +43,11 @@ def build_parser():
                    help="quantization group along the input dim; reduced per matrix to a multiple of 8 that "
                         "divides every kept size of that dim, so pruning slices whole groups (default 128)")
     p.add_argument("--keep-embeddings-16bit", action="store_true", help="do not quantize embeddings and lm_head")
+    p.add_argument("--embedding-bits", type=int, choices=(2, 3, 4, 8),
+                   help="bits of the embedding table and an untied lm_head (default: --bits)")
+    p.add_argument("--tied-head", choices=("gptq", "rtn"), default="gptq",
+                   help="a tied embedding table is also the output head: quantize it with GPTQ on the final "
+                        "hidden states (gptq, default) or per row with round-to-nearest (rtn); --quantizer gptq only")
     p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (default 0: no fine-tuning)")
     p.add_argument("--finetune-data", help="text or JSON-lines (Alpaca) file for fine-tuning (default: calibration text)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the LoRA adapters (default 1e-3)")
@@ -145,7 +150,8 @@ def run(argv=None) -> Path:
              source, cfg.arch, param_count(cfg), len(calib), args.seq_len, len(eval_tokens))
     report = {"arch": cfg.arch, "model": source, "quantizer": args.quantizer, "bits": args.bits,
               "group_size": args.group_size, "seed": args.seed, "seq_len": args.seq_len,
-              "eval_windows": args.eval_windows,
+              "eval_windows": args.eval_windows, "embedding_bits": args.embedding_bits or args.bits,
+              "tied_head": args.tied_head if cfg.tie_word_embeddings else None,
               "calib": args.calib or str(common.TINYSTORIES) + " (train part)",
               "eval": args.eval or str(common.TINYSTORIES) + " (held-out part)", "timings_s": timer.timings}
     base_ppl = perplexity(cfg, params, eval_tokens, seq_len=args.seq_len)
@@ -171,7 +177,8 @@ def run(argv=None) -> Path:
         with timer.stage("quantize"):
             params = uq.quantize(cfg, params, calib, method=args.quantizer, bits=args.bits,
                                  group_size=args.group_size, table=table,
-                                 quantize_embeddings=not args.keep_embeddings_16bit)
+                                 quantize_embeddings=not args.keep_embeddings_16bit,
+                                 embedding_bits=args.embedding_bits, tied_head_gptq=args.tied_head == "gptq")
     with timer.stage("evaluate"):
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
     if tasks:
