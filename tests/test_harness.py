@@ -135,3 +135,40 @@ def test_lm_eval_command_line_through_the_thin_wrapper(both, tasks_dir):
     got = json.loads(result_file.read_text())["results"]["stories_cloze"]
     want = both[1]["results"]["stories_cloze"]
     assert got["acc,none"] == want["acc,none"] and got["acc_norm,none"] == want["acc_norm,none"]
+
+
+TWO_DEVICES = """
+import json, sys, jax
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+import uniql_jax.harness  # noqa: F401  (registers "uniql")
+assert jax.device_count() == int(sys.argv[2]), jax.devices()
+lm = get_model("uniql").create_from_arg_string(f"pretrained={sys.argv[1]},max_length=128,batch_size=2")
+texts = ["Once upon a time, there was a little girl named Lily.", "She liked to play in the park with her dog.",
+         "One day, the sun was very hot.", "Tom saw a big red ball and he was happy.", "The end."]
+reqs = [Instance("loglikelihood", {}, (texts[i], " " + texts[(i + 1) % 5]), i) for i in range(5)]
+print(json.dumps([[float(ll), bool(g)] for ll, g in lm.loglikelihood(reqs)]))
+"""
+
+
+def test_two_devices_give_the_same_loglikelihoods():
+    """The backend splits each batch over the "data" mesh of all local devices: 2 CPU devices score
+    every request as 1 device does (each row computed on its own device, so to float tolerance)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    results = []
+    for n in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu",
+                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(LLAMA), str(n)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one, two = np.array(results[0]), np.array(results[1])
+    np.testing.assert_allclose(two[:, 0], one[:, 0], rtol=1e-5)
+    assert (two[:, 1] == one[:, 1]).all() and len(set(one[:, 0])) == 5
