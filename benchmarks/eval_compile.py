@@ -33,6 +33,7 @@ from benchmarks.real_model import REPO, add_model_and_data_args
 from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps
 from uniql_jax.eval import blockwise_nll, window_nll, windows
+from uniql_jax.models.stacks import block_key
 from uniql_jax.quant.quantize import allocation_steps
 
 RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
@@ -61,7 +62,7 @@ def main(argv=None):
     print(f"allocated in {time.perf_counter() - t0:.1f} s", flush=True)
     result = {"model": args.model, "windows": args.windows, "seq_len": args.seq_len, "rates": list(RATES),
               "host": platform.node(), "cpus": os.cpu_count(), "jax": jax.__version__,
-              "distinct_shapes": len({b for r in RATES for b in table[r]})}
+              "distinct_block_shapes": len({block_key(cfg, b) for r in RATES for b in table[r]})}
 
     before = []
     for r in [float(x) for x in args.before_rates.split(",") if x]:
