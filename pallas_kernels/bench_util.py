@@ -154,7 +154,8 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
     fn(x, w) or None (path not run at this batch)}; dequant_dot(x, w): the XLA
     dequantize-then-dot baseline. The bf16 dot baseline multiplies x by the dequantized weight.
     Each row's `ran` holds `common.dispatch_log` counts of the timed program's trace: a
-    kernel reached through its dispatcher shows "<op>/pallas" there, a silent fallback
+    kernel reached through its dispatcher shows "<op>/pallas" there, a fallback (only
+    implementation="auto" falls back; the benches ask for "pallas", which raises instead)
     "<op>/fallback".
     """
     from uniql_jax.quant.packed import dense as dense_weight  # dequantize any packed format

@@ -16,12 +16,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 
 import jax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("xla", "pallas")  # what can run
+AUTO = "auto"  # (or None) the kernel where it can take the product, else the reference, said aloud
+
+logger = logging.getLogger(__name__)
 
 # The custom-call target of Pallas Triton kernels; `jax.export` refuses it unless told
 # (the kernel IR is not covered by export's compatibility guarantees).
@@ -63,9 +66,10 @@ class DispatchLog:
     """What the dispatchers chose while a `dispatch_log` block was active.
 
     counts: {"op/ran": calls}, ran = "pallas" (the kernel), "xla" (the reference was asked
-    for) or "fallback" (the kernel was asked for but cannot take the product; the reference
-    ran). Counted at trace time: a program compiled once counts each call site once, and a
-    cached trace (a second call of a jitted function) counts nothing.
+    for) or "fallback" (implementation=None / "auto" and the kernel cannot take the product:
+    the reference ran; see `choose_implementation`). Counted at trace time: a program
+    compiled once counts each call site once, and a cached trace (a second call of a jitted
+    function) counts nothing.
     fallback_reasons: {"op: reason": calls}.
     """
 
@@ -103,10 +107,49 @@ def record_dispatch(op: str, implementation: str, reason: str | None = None) -> 
             log.fallback_reasons[f"{op}: {reason}"] += 1
 
 
-def check_implementation(implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
+def check_implementation(implementation: str | None) -> str:
+    """The mode asked for: "xla", "pallas" or "auto" (None is "auto")."""
+    mode = AUTO if implementation is None else implementation
+    if mode not in (*IMPLEMENTATIONS, AUTO):
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, {AUTO!r} or None, got {implementation!r}")
+    return mode
+
+
+_LOGGED_FALLBACKS: set[str] = set()
+
+
+def choose_implementation(op: str, implementation: str | None, unsupported_reason: str | None,
+                          kernel_options: dict | None = None) -> str:
+    """The dispatch rule of every op: what runs ("pallas" | "xla"), recorded for `dispatch_log`.
+
+    implementation="xla": the reference ("op/xla"); kernel options are then an error.
+    implementation="pallas": the kernel ("op/pallas"), or, when it cannot take the product
+      (`unsupported_reason` is not None), a ValueError naming the op and the reason: an
+      explicit request for the kernel never silently runs the reference.
+    implementation=None / "auto": the kernel when it can take the product, else the reference,
+      recorded as "op/fallback" with the reason (`DispatchLog.fallback_reasons`) and logged
+      once per (op, reason) at WARNING.
+    """
+    mode = check_implementation(implementation)
+    if mode == "xla":
+        if kernel_options:
+            raise TypeError(f"{op}: kernel options {sorted(kernel_options)} apply to the Pallas kernel only, "
+                            "not to implementation='xla'")
+        record_dispatch(op, "xla")
+        return "xla"
+    if unsupported_reason is None:
+        record_dispatch(op, "pallas")
+        return "pallas"
+    if mode == "pallas":
+        raise ValueError(f"{op}: implementation='pallas' was asked for but the kernel cannot take this product: "
+                         f"{unsupported_reason} (implementation=None or 'auto' runs the XLA reference instead)")
+    record_dispatch(op, "fallback", unsupported_reason)
+    key = f"{op}: {unsupported_reason}"
+    if key not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(key)
+        logger.warning("%s: the Pallas kernel cannot take this product (%s); running the XLA reference", op,
+                    unsupported_reason)
+    return "xla"
 
 
 def next_pow2(n: int) -> int:
@@ -157,7 +200,7 @@ def export_for_cuda(fn, *args_or_shapes):
 
 
 __all__ = [
-    "IMPLEMENTATIONS", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "default_interpret", "DispatchLog",
-    "dispatch_log", "record_dispatch", "check_implementation",
+    "IMPLEMENTATIONS", "AUTO", "TRITON_CUSTOM_CALL", "on_gpu", "resolve_interpret", "default_interpret", "DispatchLog",
+    "dispatch_log", "record_dispatch", "check_implementation", "choose_implementation",
     "next_pow2", "is_pow2", "triton_params", "lane_mask", "alias_initial_outputs", "export_for_cuda",
 ]

@@ -12,8 +12,11 @@ axes of w are its *leading* axes and the quantized axis is the *last* of them, e
 Then the packed arrays reshape (a free view, groups stay contiguous because every group lies
 inside one run of the quantized axis) to a 2-D packed weight [prod(contraction), prod(rest)],
 x reshapes to [M, prod(contraction)], one kernel call, and the result reshapes back.
-Specs outside the rule fall back to dequantize + einsum (`packed.dense_einsum`, what
-`layers.wdot(..., "xla")` computes). The packed-weight helpers come from the formats layer
+Specs outside the rule run dequantize + einsum (`packed.dense_einsum`, what
+`layers.wdot(..., "xla")` computes) under the dispatch rule of `common.choose_implementation`:
+recorded as a fallback with implementation="auto" (the default: the models' impl="pallas"
+switch covers a whole model, some of whose products the kernels cannot take), a ValueError
+with implementation="pallas". The packed-weight helpers come from the formats layer
 (`uniql_jax.quant.packed`): this dispatcher sits below the models and never imports them.
 """
 
@@ -25,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import record_dispatch
+from pallas_kernels.common import check_implementation, choose_implementation, record_dispatch
 from uniql_jax.quant import qarray
 from uniql_jax.quant.packed import dense_einsum, is_packed
 from uniql_jax.quant.packed import flatten_contraction as flatten_packed
@@ -66,33 +69,42 @@ def plan_spec(spec: str, x_ndim: int, w_ndim: int, w_axis: int) -> Plan | None:
     return Plan(n_contract, x_perm, out_perm)
 
 
-def _matmul_2d(x2, w2, interpret):
+def _matmul_2d(x2, w2, implementation, interpret):
     if qarray.is_qarray(w2):
         from pallas_kernels.w4a16 import api as w4a16_api
 
-        return w4a16_api.matmul(x2, w2, implementation="pallas", interpret=interpret)
+        return w4a16_api.matmul(x2, w2, implementation=implementation, interpret=interpret)
     from pallas_kernels.bcq import api as bcq_api
 
-    return bcq_api.matmul(x2, w2, implementation="pallas", interpret=interpret)
+    return bcq_api.matmul(x2, w2, implementation=implementation, interpret=interpret)
 
 
-def packed_einsum(spec: str, x: jax.Array, w, *, interpret: bool | None = None) -> jax.Array:
+def packed_einsum(spec: str, x: jax.Array, w, *, implementation: str | None = "auto",
+                  interpret: bool | None = None) -> jax.Array:
     """einsum(spec, x, w) in x.dtype (float32 accumulation) with packed weights on the kernels.
 
     Dense weights: plain einsum. Packed weights (`QArray`, `BCQArray`) whose spec follows the
-    module rule: one kernel call; otherwise dequantize + einsum. Both choices, and the kernel
-    dispatchers' own, are recorded for `common.dispatch_log`.
+    module rule: one kernel call through the op's dispatcher, with the same `implementation`;
+    otherwise dequantize + einsum. implementation: "auto" / None (default; a product no kernel
+    takes runs the reference, recorded as a fallback), "pallas" (such a product raises
+    ValueError) or "xla" (always dequantize + einsum). Every choice, and the kernel
+    dispatchers' own, is recorded for `common.dispatch_log`.
     """
     if not is_packed(w):
+        check_implementation(implementation)
         record_dispatch("packed_einsum", "xla")  # a dense weight: nothing for the kernels
         return dense_einsum(spec, x, w)
     plan = plan_spec(spec, x.ndim, w.ndim, w.axis)
     if plan is None:
-        record_dispatch("packed_einsum", "fallback", f"spec {spec} outside the leading-contraction rule")
+        reason = f"spec {spec} outside the leading-contraction rule"
+        choose_implementation("packed_einsum", implementation, reason)  # "xla", "fallback" or raises
+        return dense_einsum(spec, x, w)
+    if check_implementation(implementation) == "xla":
+        record_dispatch("packed_einsum", "xla")
         return dense_einsum(spec, x, w)
     w2 = flatten_packed(w, plan.n_contract)
     xt = jnp.transpose(x, plan.x_perm)
     batch_shape = xt.shape[: x.ndim - plan.n_contract]
-    y2 = _matmul_2d(xt.reshape(math.prod(batch_shape), w2.shape[0]), w2, interpret)  # [M, N]
+    y2 = _matmul_2d(xt.reshape(math.prod(batch_shape), w2.shape[0]), w2, implementation, interpret)  # [M, N]
     y = y2.reshape(batch_shape + tuple(w.shape[plan.n_contract:]))
     return jnp.transpose(y, plan.out_perm)

@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.common import check_implementation, record_dispatch, resolve_interpret
+from pallas_kernels.common import choose_implementation, resolve_interpret
 from pallas_kernels.w4a16 import kernel, reference
 from uniql_jax.quant.qarray import QArray
 
 
-def matmul(x: jax.Array, w: QArray, *, implementation: str = "xla", interpret: bool | None = None,
+def matmul(x: jax.Array, w: QArray, *, implementation: str | None = "xla", interpret: bool | None = None,
            **kernel_options) -> jax.Array:
     """x [M, Kin] @ w -> [M, N] in x.dtype with float32 accumulation.
 
     w: `QArray` of logical shape (Kin, N) quantized along axis 0.
-    implementation: "xla" (dequantize then dot) or "pallas" (dequantize inside the kernel).
-      The kernel covers 4-bit weights with a power-of-two group size and Kin a multiple of
-      max(group_size, 32); anything else (e.g. 2/3/8-bit) falls back to the reference.
+    implementation: "xla" (dequantize then dot), "pallas" (dequantize inside the kernel) or
+      None / "auto" (the kernel where it can, else the reference). The kernel covers 4-bit
+      weights with a power-of-two group size and Kin a multiple of max(group_size, 32);
+      anything else (e.g. 2/3/8-bit) raises with "pallas" and falls back with "auto"
+      (`common.choose_implementation`).
     interpret: Pallas interpret mode; None -> True unless running on a GPU.
     kernel_options: `config` (kernel.Config) or `path` ("gemv" | "tiled"), pallas only.
     What ran is recorded for `common.dispatch_log` ("w4a16/pallas", "w4a16/fallback", "w4a16/xla").
     """
-    if check_implementation(implementation) == "pallas":
-        reason = kernel.unsupported_reason(x.shape, w)
-        if reason is None:
-            record_dispatch("w4a16", "pallas")
-            return kernel.matmul(x, w, interpret=resolve_interpret(interpret), **kernel_options)
-        record_dispatch("w4a16", "fallback", reason)
-    else:
-        record_dispatch("w4a16", "xla")
+    reason = kernel.unsupported_reason(x.shape, w)
+    if choose_implementation("w4a16", implementation, reason, kernel_options) == "pallas":
+        return kernel.matmul(x, w, interpret=resolve_interpret(interpret), **kernel_options)
     return reference.matmul(x, w)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pallas_kernels import common, dispatch
 from pallas_kernels.bcq import api as bcq_api
@@ -33,9 +34,13 @@ def test_w4a16_kernel_and_fallback_are_told_apart():
     x = S((1, 256), jnp.bfloat16)
     pallas = lambda x, w: w4a16_api.matmul(x, w, implementation="pallas")  # noqa: E731
     assert trace(pallas, x, qarray(256, 64, 32)).counts == {"w4a16/pallas": 1}
-    log = trace(pallas, x, qarray(256, 64, 32, bits=8))  # the kernel is 4-bit only: reference runs
+    auto = lambda x, w: w4a16_api.matmul(x, w, implementation="auto")  # noqa: E731
+    assert trace(auto, x, qarray(256, 64, 32)).counts == {"w4a16/pallas": 1}
+    log = trace(auto, x, qarray(256, 64, 32, bits=8))  # the kernel is 4-bit only: reference runs
     assert log.counts == {"w4a16/fallback": 1}
     assert list(log.fallback_reasons) == ["w4a16: bits=8 (kernel is 4-bit only)"]
+    with pytest.raises(ValueError, match="bits=8"):  # asked for explicitly: no silent fallback
+        trace(pallas, x, qarray(256, 64, 32, bits=8))
     assert trace(lambda x, w: w4a16_api.matmul(x, w), x, qarray(256, 64, 32)).counts == {"w4a16/xla": 1}
 
 
@@ -49,8 +54,11 @@ def test_bcq_paths_and_fallback():
     assert trace(pallas, S((1, 256), jnp.bfloat16), bcq(256, 64, 32)).counts == {"bcq/pallas": 1, "bcq-lut/pallas": 1}
     assert trace(pallas, S((4, 256), jnp.bfloat16), bcq(256, 64, 32)).counts == {"bcq/pallas": 1,
                                                                                  "bcq-dequant/pallas": 1}
-    log = trace(pallas, S((4, 192), jnp.bfloat16), bcq(192, 64, 24))  # group size not a power of two
+    log = trace(lambda x, w: bcq_api.matmul(x, w, implementation=None), S((4, 192), jnp.bfloat16),
+                bcq(192, 64, 24))  # group size not a power of two
     assert log.counts == {"bcq/fallback": 1} and len(log.fallback_reasons) == 1
+    with pytest.raises(ValueError, match="group_size 24"):
+        trace(pallas, S((4, 192), jnp.bfloat16), bcq(192, 64, 24))
 
 
 def test_packed_einsum_spec_outside_the_rule_falls_back_and_says_so():
@@ -60,6 +68,9 @@ def test_packed_einsum_spec_outside_the_rule_falls_back_and_says_so():
     # the contraction on w's *last* axis breaks the leading-contraction rule: dequantize + einsum
     log = trace(lambda x, w: dispatch.packed_einsum("btf,df->btd", x, w), S((2, 3, 64), jnp.bfloat16), w)
     assert log.counts == {"packed_einsum/fallback": 1}
+    with pytest.raises(ValueError, match="leading-contraction rule"):
+        trace(lambda x, w: dispatch.packed_einsum("btf,df->btd", x, w, implementation="pallas"),
+              S((2, 3, 64), jnp.bfloat16), w)
 
 
 def test_rope_and_nested_logs():

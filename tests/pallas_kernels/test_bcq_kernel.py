@@ -1,10 +1,13 @@
 """BCQ matmul: every implementation against a float64 numpy oracle.
 
 Weights are packed by the test from known bits (plane byte r holds rows 8r..8r+7, row 8r+j
-in bit j), checked against `bcq.dequantize`; the oracle works from those bits. The same
-cases run against implementation="xla" and each Pallas kernel path in interpret mode
-(LUT-GEMM for batch 1, dequantize-in-kernel gemv / tiled, split-K included) with
-NaN-poisoned outputs.
+in bit j), checked against `bcq.dequantize`; the oracle works from those bits. One shared
+suite (`BCQCases`) runs through the dispatcher `api.matmul` once per implementation: "xla",
+each Pallas kernel path in interpret mode (LUT-GEMM for batch 1, dequantize-in-kernel gemv /
+tiled, split-K included) with NaN-poisoned outputs, and the compiled kernels on a GPU; each
+case asserts from the dispatch log that the implementation (and kernel path) under test ran.
+Products the kernels cannot take raise with implementation="pallas" and fall back, said
+aloud, with "auto".
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import functools
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import tiling
+from pallas_kernels import common, tiling
 from pallas_kernels.bcq import api, kernel
-from pallas_kernels.testing import assert_close, bf16_round, jit_fast, poisoned_like
+from pallas_kernels.testing import KernelCases, assert_close, bf16_round, jit_fast, poisoned_like
 from uniql_jax.quant import bcq
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -40,7 +44,6 @@ CASES = [
 #   bfloat16: a weight's bf16 rounding can differ by an ulp between summation orders, and the
 #   LUT path does not round weights at all: 2**-8 * S; plus the output's own rounding 2**-8 |y|.
 SCALE_TOL = {F32: (1e-6, 1e-6), BF16: (2.0 ** -8, 2.0 ** -8)}  # (atol per unit S, rtol)
-IMPLEMENTATIONS = ["xla", "pallas"]
 
 
 def make_inputs(m, kin, n, group_size, bits, dtype, seed):
@@ -77,32 +80,54 @@ def oracle(x, raw, group_size):
     return x64 @ w, np.abs(x64) @ np.abs(w)
 
 
-def run(implementation, x, w, path):
-    if implementation == "xla":
-        return jit_fast(functools.partial(api.matmul, implementation="xla"))(x, w)
-    m, n = x.shape[0], w.shape[1]
-    if path == "lut":
-        config = kernel.default_lut_config(w.shape[0], n, w.group_size)
-        poison = poisoned_like(jnp.zeros(*kernel.lut_out_shape(config, n, x.dtype)))
-        fn = jit_fast(lambda x, w, init: kernel.matmul_lut(x, w, interpret=True, config=config, out_init=init))
-    else:
-        config = kernel.default_config(m, w.shape[0], n, w.group_size, path)
-        poison = poisoned_like(jnp.zeros(*tiling.partial_out_shape(config, m, n, x.dtype)))
-        fn = jit_fast(lambda x, w, init: kernel.matmul_dequant(x, w, interpret=True, config=config, out_init=init))
-    return fn(x, w, poison)
+class BCQCases(KernelCases):
+    """The shared suite; subclasses choose the implementation."""
+
+    OP = "bcq"
+
+    def matmul(self, x, w, path):
+        """api.matmul with this class's implementation (pallas: kernel `path` at its default
+        launch shape, output aliased to a NaN-filled buffer), asserting that it ran."""
+        if self.IMPLEMENTATION == "xla":
+            fn, args = functools.partial(api.matmul, **self.dispatch()), (x, w)
+            with self.expect_ran():
+                return jit_fast(fn)(*args)
+        m, n = x.shape[0], w.shape[1]
+        if path == "lut":
+            config = kernel.default_lut_config(w.shape[0], n, w.group_size)
+            poison = poisoned_like(jnp.zeros(*kernel.lut_out_shape(config, n, x.dtype)))
+        else:
+            config = kernel.default_config(m, w.shape[0], n, w.group_size, path)
+            poison = poisoned_like(jnp.zeros(*tiling.partial_out_shape(config, m, n, x.dtype)))
+        fn = lambda x, w, init: api.matmul(x, w, **self.dispatch(), path=path, config=config, out_init=init)  # noqa: E731
+        with self.expect_ran() as log:
+            y = jit_fast(fn)(x, w, poison)
+        kernel_name = "bcq-lut" if path == "lut" else "bcq-dequant"
+        assert log.ran(kernel_name, "pallas") == 1, log.counts
+        return y
+
+    @pytest.mark.parametrize("case,dtype", CASES)
+    def test_matches_oracle(self, case, dtype):
+        m, kin, n, group_size, bits, path = case
+        seed = zlib.crc32(repr((case, jnp.dtype(dtype).name, self.IMPLEMENTATION)).encode())  # fresh inputs per case
+        x, w, raw = make_inputs(m, kin, n, group_size, bits, dtype, seed)
+        y = self.matmul(x, w, path)
+        assert y.dtype == dtype and y.shape == (m, n)
+        want, scale = oracle(x, raw, group_size)
+        per_s, rtol = SCALE_TOL[dtype]
+        assert_close(y, want, atol=per_s * scale + 1e-6, rtol=rtol, what=f"{self.IMPLEMENTATION} {case}")
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case,dtype", CASES)
-def test_bcq_matches_oracle(implementation, case, dtype):
-    m, kin, n, group_size, bits, path = case
-    seed = zlib.crc32(repr((case, jnp.dtype(dtype).name, implementation)).encode())  # fresh inputs per case
-    x, w, raw = make_inputs(m, kin, n, group_size, bits, dtype, seed)
-    y = run(implementation, x, w, path)
-    assert y.dtype == dtype and y.shape == (m, n)
-    want, scale = oracle(x, raw, group_size)
-    per_s, rtol = SCALE_TOL[dtype]
-    assert_close(y, want, atol=per_s * scale + 1e-6, rtol=rtol, what=f"{implementation} {case}")
+class TestBCQXla(BCQCases):
+    IMPLEMENTATION = "xla"
+
+
+class TestBCQPallas(BCQCases):
+    IMPLEMENTATION, INTERPRET = "pallas", False
+
+
+class TestBCQPallasInterpret(BCQCases):
+    IMPLEMENTATION, INTERPRET = "pallas", True
 
 
 def test_packing_matches_bcq_dequantize():
@@ -117,9 +142,33 @@ def test_default_paths_and_splits():
     assert kernel.default_config(1, 1024, 96, 128, "gemv").k_splits > 1
 
 
-def test_api_falls_back_when_kin_too_small_for_the_mma():
-    """Kin = 64 < 128 cannot feed the dequantize kernel's MMA: the api still gives the right product."""
-    x, w, raw = make_inputs(4, 64, 24, 32, 2, F32, seed=9)
-    assert kernel.unsupported_reason(x.shape, w, "gemv") is not None
-    want, scale = oracle(x, raw, 32)
-    assert_close(api.matmul(x, w, implementation="pallas"), want, atol=1e-6 * scale + 1e-6, rtol=1e-6)
+UNSUPPORTED = [  # (M, Kin, N, group size, bits, path, the reason's words)
+    pytest.param(4, 64, 24, 32, 2, None, "Kin=64", id="kin-too-small-for-the-mma"),
+    pytest.param(4, 192, 24, 24, 3, None, "group_size 24", id="group-not-pow2"),
+    pytest.param(3, 128, 24, 32, 2, "lut", "batch 1", id="lut-needs-batch-1"),
+]
+
+
+@pytest.mark.parametrize("m,kin,n,group_size,bits,path,words", UNSUPPORTED)
+def test_unsupported_product_raises_with_pallas_and_falls_back_with_auto(m, kin, n, group_size, bits, path, words):
+    """No silent fallback: implementation="pallas" refuses a product the kernels cannot take;
+    "auto" runs the reference on it (the right product) and records why."""
+    x, w, raw = make_inputs(m, kin, n, group_size, bits, F32, seed=kin + m)
+    reason = kernel.unsupported_reason(x.shape, w, path or kernel.auto_path(m))
+    assert reason is not None and words in reason
+    with pytest.raises(ValueError, match=f"bcq: implementation='pallas'.*{words}"):
+        api.matmul(x, w, implementation="pallas", path=path)
+    with common.dispatch_log() as log:
+        y = jit_fast(functools.partial(api.matmul, implementation="auto", path=path))(x, w)
+    assert log.counts == {"bcq/fallback": 1} and log.fallback_reasons == {f"bcq: {reason}": 1}
+    want, scale = oracle(x, raw, group_size)
+    assert_close(y, want, atol=1e-6 * scale + 1e-6, rtol=1e-6, what=f"auto fallback {words}")
+
+
+def test_auto_picks_the_kernel_path_by_batch():
+    """auto on supported products runs the kernels: LUT for batch 1, dequantize above."""
+    for m, kernel_name in ((1, "bcq-lut"), (4, "bcq-dequant")):
+        x, w, _ = make_inputs(m, 128, 24, 32, 2, F32, seed=m)
+        with common.dispatch_log() as log:
+            jax.eval_shape(functools.partial(api.matmul, implementation=None), x, w)
+        assert log.counts == {"bcq/pallas": 1, f"{kernel_name}/pallas": 1}

@@ -1,16 +1,20 @@
 """packed_einsum: the model's weight products on the kernels equal a float64 numpy einsum.
 
 Every spec the models use goes through the flatten-and-call rule with packed QArray / BCQArray
-weights (kernels in interpret mode); specs outside the rule fall back to dequantize + einsum.
+weights (kernels in interpret mode; the dispatch log shows the kernel ran, no fallback); specs
+outside the rule raise with implementation="pallas" and fall back to dequantize + einsum,
+recorded, with "auto" (the default, what the models' impl="pallas" uses).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch
+from pallas_kernels import common, dispatch
 from pallas_kernels.testing import assert_close, jit_fast
 from uniql_jax.quant import bcq, qarray
 
@@ -26,7 +30,6 @@ RULE_CASES = [
 
 # one compiled program per call instead of op-by-op dispatch: keeps the suite fast on CPU
 _quantize = jit_fast(qarray.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
-_packed_einsum = jit_fast(dispatch.packed_einsum, static_argnames=("spec",))
 
 
 def quantized(shape, axis, group_size, seed):
@@ -34,8 +37,11 @@ def quantized(shape, axis, group_size, seed):
     return _quantize(jnp.asarray(rng.standard_normal(shape, np.float32)), bits=4, group_size=group_size, axis=axis)
 
 
-def check(spec, x, w):
-    got = _packed_einsum(spec, x, w)
+def check(spec, x, w, ran, implementation="auto"):
+    """packed_einsum == float64 einsum, and the dispatch log (a fresh trace) is exactly `ran`."""
+    with common.dispatch_log() as log:
+        got = jit_fast(functools.partial(dispatch.packed_einsum, spec, implementation=implementation))(x, w)
+    assert log.counts == ran, (log.counts, log.fallback_reasons)
     dense = np.asarray(w.dequantize(jnp.float32) if bcq.is_bcq(w) else qarray.dequantize(w, jnp.float32), np.float64)
     x64 = np.asarray(x, np.float64)
     want, scale = np.einsum(spec, x64, dense), np.einsum(spec, np.abs(x64), np.abs(dense))
@@ -48,22 +54,41 @@ def test_packed_einsum_rule_specs(spec, x_shape, w_shape, axis, group_size):
     w = quantized(w_shape, axis, group_size, seed=len(spec) + sum(w_shape))
     assert dispatch.plan_spec(spec, len(x_shape), len(w_shape), axis) is not None
     x = jnp.asarray(np.random.default_rng(sum(x_shape)).standard_normal(x_shape, np.float32))
-    check(spec, x, w)
+    for implementation in ("auto", "pallas"):
+        check(spec, x, w, {"w4a16/pallas": 1}, implementation)
+    check(spec, x, w, {"packed_einsum/xla": 1}, "xla")
 
 
 def test_packed_einsum_bcq_weight():
     """A BCQ o-proj [K, G, R, D] quantized along R goes through the BCQ kernel."""
     w = bcq.from_uniform(quantized((2, 1, 128, 24), 2, 64, seed=3))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 2, 2, 1, 128), np.float32))
-    check("btkgr,kgrd->btd", x, w)
+    check("btkgr,kgrd->btd", x, w, {"bcq/pallas": 1, "bcq-dequant/pallas": 1}, "pallas")
 
 
-def test_packed_einsum_falls_back_outside_the_rule():
-    """Contraction axis not leading in w ("btd,kd->btk", quantized along d): dequantize + einsum."""
+def test_packed_einsum_outside_the_rule_raises_with_pallas_and_falls_back_with_auto():
+    """Contraction axis not leading in w ("btd,kd->btk", quantized along d): "pallas" refuses,
+    "auto" runs dequantize + einsum and records why."""
     w = quantized((24, 64), 1, 32, seed=5)
     assert dispatch.plan_spec("btd,kd->btk", 3, 2, 1) is None
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 2, 64), np.float32))
-    check("btd,kd->btk", x, w)
+    with pytest.raises(ValueError, match="packed_einsum: implementation='pallas'.*leading-contraction rule"):
+        dispatch.packed_einsum("btd,kd->btk", x, w, implementation="pallas")
+    check("btd,kd->btk", x, w, {"packed_einsum/fallback": 1})
+    with common.dispatch_log() as log:
+        dispatch.packed_einsum("btd,kd->btk", x, w, implementation=None)
+    assert log.fallback_reasons == {"packed_einsum: spec btd,kd->btk outside the leading-contraction rule": 1}
+
+
+def test_packed_einsum_kernel_refusal_propagates():
+    """A rule spec whose 2-D product the kernel cannot take (8-bit): "pallas" raises from the
+    w4a16 dispatcher, "auto" falls back there."""
+    w = qarray.quantize_rtn(jnp.asarray(np.random.default_rng(4).standard_normal((64, 24), np.float32)), bits=8,
+                            group_size=32, axis=0)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 64), np.float32))
+    with pytest.raises(ValueError, match="w4a16: implementation='pallas'.*bits=8"):
+        dispatch.packed_einsum("btd,dn->btn", x, w, implementation="pallas")
+    check("btd,dn->btn", x, w, {"w4a16/fallback": 1})
 
 
 def test_plan_spec_rejects_non_products():
@@ -78,6 +103,8 @@ def test_plan_spec_rejects_non_products():
 def test_dense_weight_is_plain_einsum():
     rng = np.random.default_rng(0)
     x, w = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((2, 3, 16), (16, 8)))
-    got = dispatch.packed_einsum("btd,dn->btn", x, w)
+    with common.dispatch_log() as log:
+        got = dispatch.packed_einsum("btd,dn->btn", x, w)
+    assert log.counts == {"packed_einsum/xla": 1}
     np.testing.assert_allclose(np.asarray(got), np.einsum("btd,dn->btn", np.asarray(x), np.asarray(w)), rtol=1e-5,
                                atol=1e-5)

@@ -1,5 +1,6 @@
 """A 4-bit, pruned Llama-style model gives the same logits with impl="pallas" (fused RoPE +
-W4A16 kernels through `packed_einsum`, interpret mode) as with impl="xla"."""
+W4A16 kernels through `packed_einsum`, interpret mode) as with impl="xla", and the dispatch
+log shows the kernels, not a fallback to the reference, computed them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import common
 from pallas_kernels.testing import assert_close, jit_fast
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
 from uniql_jax.models import stacks
@@ -35,7 +37,10 @@ def test_quantized_pruned_model_pallas_equals_xla(dtype):
 
     run = jit_fast(logits, static_argnames=("impl",))
     want = np.asarray(run(params, tokens, positions, "xla"), np.float64)
-    got = run(params, tokens, positions, "pallas")
+    with common.dispatch_log() as log:
+        got = run(params, tokens, positions, "pallas")
+    # every packed product and the RoPE on the kernels: q, k, v, o, gate, up, down, lm_head
+    assert log.counts == {"w4a16/pallas": 8, "rope/pallas": 1}, log.as_dict()
     # bf16: rounding of intermediate activations may differ between the fused and XLA orders
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2 * np.abs(want).max(), rtol=0)
     assert_close(got, want, **tol, what="logits")
@@ -57,7 +62,10 @@ def test_default_model_pruned_and_quantized_pallas_equals_xla():
     assert any(qarray.is_qarray(x) for x in jax_leaves(params_p))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
     want = np.asarray(forward(cfg_p, params_p, tokens, impl="xla"), np.float64)
-    got = forward(cfg_p, params_p, tokens, impl="pallas")
+    with common.dispatch_log() as log:
+        got = forward(cfg_p, params_p, tokens, impl="pallas")
+    # the kernels ran (every layer's RoPE and packed products), and nothing fell back
+    assert set(log.counts) == {"w4a16/pallas", "rope/pallas"} and log.ran("rope", "pallas") > 0, log.as_dict()
     assert_close(got, want, atol=1e-4 * np.abs(want).max(), rtol=0, what="logits")
 
 

@@ -1,7 +1,9 @@
 """Fused RoPE for sorted/pruned heads: every implementation against a float64 numpy oracle.
 
-The same parametrized cases run against implementation="xla" (the model's reference path)
-and the Pallas kernel in interpret mode, whose outputs are NaN-poisoned before the call.
+One shared suite (`RopeCases`) runs through the dispatcher `api.rope` once per
+implementation: "xla" (the model's reference path), the Pallas kernel in interpret mode
+(outputs NaN-poisoned before the call) and the compiled kernel on a GPU; each case asserts
+from the dispatch log that the implementation under test ran.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import functools
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rope import api, kernel
-from pallas_kernels.testing import assert_close, jit_fast, poisoned_like
+from pallas_kernels import common
+from pallas_kernels.rope import api
+from pallas_kernels.testing import KernelCases, assert_close, jit_fast, poisoned_like
 
 # (B, T, K, G, P, P0, block_tokens): batch, tokens, kv heads, query heads per kv head, kept
 # pairs, full-rank pairs, kernel token block (None: default). Odd, non-power-of-two and
@@ -33,7 +35,6 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 # the only float32 error left is cos/sin and one multiply-add. bfloat16 adds the output
 # rounding, at most half an ulp (2**-9 relative).
 TOLERANCE = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=1e-5, rtol=2 ** -8)}
-IMPLEMENTATIONS = ["xla", "pallas"]
 
 
 def make_inputs(case, dtype, seed):
@@ -63,49 +64,74 @@ def oracle(q, k, positions, pair_index, inv_freq):
     return rot(q, cos[:, :, :, None], sin[:, :, :, None]), rot(k, cos, sin)
 
 
-def run(implementation, case, q, k, positions, pair_index, inv_freq):
-    if implementation == "xla":
-        return jit_fast(functools.partial(api.rope, implementation="xla"))(q, k, positions, pair_index, inv_freq)
-    # kernel in interpret mode, outputs aliased to NaN-filled buffers
-    fn = jit_fast(lambda *args: kernel.rope(*args[:5], interpret=True, block_tokens=case[-1], out_init=args[5:]))
-    return fn(q, k, positions, pair_index, inv_freq, poisoned_like(q), poisoned_like(k))
+class RopeCases(KernelCases):
+    """The shared suite; subclasses choose the implementation."""
+
+    OP = "rope"
+
+    def rope(self, case, q, k, positions, pair_index, inv_freq):
+        """api.rope with this class's implementation (pallas: the case's token block, outputs
+        aliased to NaN-filled buffers), asserting that implementation ran."""
+        args = (q, k, positions, pair_index, inv_freq)
+        if self.IMPLEMENTATION == "xla":
+            fn = functools.partial(api.rope, **self.dispatch())
+        else:
+            args += (poisoned_like(q), poisoned_like(k))
+            fn = lambda *a: api.rope(*a[:5], **self.dispatch(), block_tokens=case[-1], out_init=a[5:])  # noqa: E731
+        with self.expect_ran():
+            return jit_fast(fn)(*args)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+    @pytest.mark.parametrize("case", CASES)
+    def test_matches_oracle(self, case, dtype):
+        seed = zlib.crc32(repr((case, jnp.dtype(dtype).name, self.IMPLEMENTATION)).encode())  # fresh inputs per case
+        inputs = make_inputs(case, dtype, seed)
+        q_rot, k_rot = self.rope(case, *inputs)
+        assert q_rot.dtype == dtype and k_rot.dtype == dtype
+        q_want, k_want = oracle(*inputs)
+        assert_close(q_rot, q_want, **TOLERANCE[dtype], what=f"{self.IMPLEMENTATION} q")
+        assert_close(k_rot, k_want, **TOLERANCE[dtype], what=f"{self.IMPLEMENTATION} k")
+
+    def test_pair_index_is_honoured(self):
+        """Swapping two kept pairs' frequency indices changes exactly those pairs' outputs."""
+        case = (1, 4, 1, 1, 4, 8, None)
+        q, k, positions, pair_index, inv_freq = make_inputs(case, jnp.float32, seed=3)
+        base_q, _ = self.rope(case, q, k, positions, pair_index, inv_freq)
+        swapped = pair_index.at[0, 0].set(pair_index[0, 1]).at[0, 1].set(pair_index[0, 0])
+        new_q, _ = self.rope(case, q, k, positions, swapped, inv_freq)
+        changed = np.abs(np.asarray(new_q) - np.asarray(base_q)).max(axis=(0, 1, 2, 3, 4))  # per pair
+        assert changed[0] > 1e-3 and changed[1] > 1e-3
+        assert changed[2] == 0 and changed[3] == 0
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", CASES)
-def test_rope_matches_oracle(implementation, case, dtype):
-    seed = zlib.crc32(repr((case, jnp.dtype(dtype).name, implementation)).encode())  # fresh inputs per case
-    inputs = make_inputs(case, dtype, seed)
-    q_rot, k_rot = run(implementation, case, *inputs)
-    assert q_rot.dtype == dtype and k_rot.dtype == dtype
-    q_want, k_want = oracle(*inputs)
-    assert_close(q_rot, q_want, **TOLERANCE[dtype], what="q")
-    assert_close(k_rot, k_want, **TOLERANCE[dtype], what="k")
+class TestRopeXla(RopeCases):
+    IMPLEMENTATION = "xla"
 
 
-def test_api_pallas_defaults_to_interpret_off_gpu():
-    """implementation="pallas" with interpret=None runs the kernel here (CPU) and agrees with xla."""
+class TestRopePallas(RopeCases):
+    IMPLEMENTATION, INTERPRET = "pallas", False
+
+
+class TestRopePallasInterpret(RopeCases):
+    IMPLEMENTATION, INTERPRET = "pallas", True
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "auto", None])
+def test_api_pallas_defaults_to_interpret_off_gpu(implementation):
+    """implementation="pallas" (or auto: the kernel takes every shape) with interpret=None runs
+    the kernel here (CPU) and agrees with xla."""
     inputs = make_inputs((1, 3, 2, 2, 6, 8, None), jnp.float32, seed=7)
-    got = jit_fast(functools.partial(api.rope, implementation="pallas"))(*inputs)
+    with common.dispatch_log() as log:
+        got = jit_fast(functools.partial(api.rope, implementation=implementation))(*inputs)
+    assert log.counts == {"rope/pallas": 1}
     want = api.rope(*inputs, implementation="xla")
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
-
-
-def test_pair_index_is_honoured():
-    """Swapping two kept pairs' frequency indices changes exactly those pairs' outputs."""
-    q, k, positions, pair_index, inv_freq = make_inputs((1, 4, 1, 1, 4, 8, None), jnp.float32, seed=3)
-    rope = jit_fast(functools.partial(kernel.rope, interpret=True))
-    base_q, _ = rope(q, k, positions, pair_index, inv_freq)
-    swapped = pair_index.at[0, 0].set(pair_index[0, 1]).at[0, 1].set(pair_index[0, 0])
-    new_q, _ = rope(q, k, positions, swapped, inv_freq)
-    changed = np.abs(np.asarray(new_q) - np.asarray(base_q)).max(axis=(0, 1, 2, 3, 4))  # per pair
-    assert changed[0] > 1e-3 and changed[1] > 1e-3
-    assert changed[2] == 0 and changed[3] == 0
 
 
 def test_rejects_unknown_implementation():
     inputs = make_inputs((1, 1, 1, 1, 2, 2, None), jnp.float32, seed=0)
     with pytest.raises(ValueError):
         api.rope(*inputs, implementation="triton")
+    with pytest.raises(TypeError, match="rope: kernel options"):
+        api.rope(*inputs, implementation="xla", block_tokens=4)
