@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import uniql_jax as uq  # noqa: E402
 from uniql_jax import checkpoint as ck  # noqa: E402
+from uniql_jax.checkpoint.layout import DEFAULT_CHUNK_BYTES  # noqa: E402
 from uniql_jax.compress.prune import abstract_params  # noqa: E402
+from uniql_jax.elastic import ElasticModel  # noqa: E402
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig  # noqa: E402
 from uniql_jax.quant import qarray  # noqa: E402
 
@@ -153,7 +155,7 @@ def main(argv=None):
 
         # In-process switching: the full-rank model read once, rates sliced from memory.
         tokens = jnp.zeros((1, 16), jnp.int32)
-        model, from_ckpt_s = timed(ck.ElasticModel.from_checkpoint, path, rate=0.0)
+        model, from_ckpt_s = timed(ElasticModel.from_checkpoint, path, rate=0.0)
         switching = {"from_checkpoint_s": round(from_ckpt_s, 4)}
         compiles = []
         listener = lambda event, duration, **kw: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None
@@ -181,7 +183,7 @@ def main(argv=None):
         "model": {"arch": cfg.arch, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
                   "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                   "quantizer": "rtn 4-bit (QArray)", "param_bytes": info.param_bytes},
-        "chunk_bytes": ck.DEFAULT_CHUNK_BYTES, "save_s": round(save_s, 3), "disk_bytes": disk,
+        "chunk_bytes": DEFAULT_CHUNK_BYTES, "save_s": round(save_s, 3), "disk_bytes": disk,
         "method": "bytes counted by TensorStore's /tensorstore/kvstore/file/bytes_read around uq.load "
                   "(page-cache independent); rchar = /proc/self/io of the whole process",
         "rates": rows,

@@ -132,6 +132,7 @@ def run(argv=None) -> Path:
 
     import uniql_jax as uq
     from uniql_jax import data
+    from uniql_jax.elastic import ElasticModel
     from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
     from uniql_jax.quant.quantize import allocation_steps
     from uniql_jax.compress.sort import sort
@@ -183,7 +184,7 @@ def run(argv=None) -> Path:
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
     if tasks:
         with timer.stage("accuracy"):
-            report["accuracy"] = common.accuracy_report(uq.checkpoint.ElasticModel(cfg, params, table), tokenizer,
+            report["accuracy"] = common.accuracy_report(ElasticModel(cfg, params, table), tokenizer,
                                                         rates, *tasks, args, log=log.info)
     print_table(report)
     if tasks:

@@ -57,6 +57,7 @@ def run(argv=None):
     common.setup_logging()
     from uniql_jax import checkpoint
     from uniql_jax.compress.allocate import param_count
+    from uniql_jax.elastic import ElasticModel
     from uniql_jax.eval import blockwise_nll, perplexity
     from uniql_jax.quant.qarray import deployed_bytes
 
@@ -75,7 +76,7 @@ def run(argv=None):
     eval_windows = info.meta.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows
     if eval_windows:
         tokens = tokens[: eval_windows * seq_len]
-    model = checkpoint.ElasticModel.from_checkpoint(ckpt)
+    model = ElasticModel.from_checkpoint(ckpt)
     before = blockwise_nll.compiles()
     rows = []
     for r in rates:
@@ -98,13 +99,13 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     """lm-eval accuracy at every rate from one loaded checkpoint -> (rows, programs compiled)."""
     import time
 
-    from uniql_jax import checkpoint
+    from uniql_jax.elastic import ElasticModel
 
     start = time.perf_counter()
     names, manager = common.load_tasks(args)  # unknown / unreachable task: one line, exit 2, before loading the model
     out = user_path(args.out) if args.out else run_dir
     tokenizer = common.load_saved_tokenizer(run_dir)
-    model = checkpoint.ElasticModel.from_checkpoint(ckpt)
+    model = ElasticModel.from_checkpoint(ckpt)
     result = {"ckpt": str(ckpt)} | common.accuracy_report(model, tokenizer, rates, names, manager, args, log=log.info)
     rows, compiles = result["rates"], sum(result["compiles"].values())
     log.info("%d rates x %d tasks in %.0f s; %d compiled scoring programs (per bucket length: %s)", len(rates),

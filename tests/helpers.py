@@ -84,7 +84,7 @@ def data_dir(path: Path) -> Path:
 
 def largest_data_file(path: Path) -> Path:
     """The largest array data file of the checkpoint at `path`."""
-    from uniql_jax import checkpoint as ck
+    from uniql_jax.checkpoint.manifest import is_data_file
 
-    files = [p for p in data_dir(path).rglob("*") if p.is_file() and ck._is_data_file(p.relative_to(data_dir(path)).as_posix())]
+    files = [p for p in data_dir(path).rglob("*") if p.is_file() and is_data_file(p.relative_to(data_dir(path)).as_posix())]
     return max(files, key=lambda p: p.stat().st_size)

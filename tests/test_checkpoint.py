@@ -21,8 +21,11 @@ import pytest
 
 import uniql_jax as uq
 from uniql_jax import checkpoint as ck
+from uniql_jax.checkpoint import io as ck_io
+from uniql_jax.checkpoint.manifest import DATA_PREFIX, write_manifest
 from uniql_jax.compress.prune import prune
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig, config_from_dict, config_to_dict
+from uniql_jax.elastic import ElasticModel
 from uniql_jax.quant import qarray
 
 from tests.helpers import data_dir, largest_data_file, random_params
@@ -200,7 +203,7 @@ def test_save_load_and_elastic_model_take_relative_paths(tmp_path, monkeypatch):
     for rate in DENSE_TABLE:
         cfg_r, loaded = uq.load("runs/ckpt", rate=rate)
         assert_trees_identical(loaded, pruned(CFG, params, rate, DENSE_TABLE)[1])
-    model = ck.ElasticModel.from_checkpoint("./runs/../runs/ckpt", rate=0.35)
+    model = ElasticModel.from_checkpoint("./runs/../runs/ckpt", rate=0.35)
     assert model.cfg == pruned(CFG, params, 0.35, DENSE_TABLE)[0]
     monkeypatch.chdir(tmp_path / "runs")
     assert_trees_identical(uq.load("ckpt", rate=0.2)[1], pruned(CFG, params, 0.2, DENSE_TABLE)[1])
@@ -293,7 +296,7 @@ def test_elastic_model_switches_from_memory_equal_to_load(quant, tmp_path):
     """Packed params: every rate cut in memory equals uq.load at that rate; the disk is never touched."""
     path = Path(shutil.copytree(quant[0], tmp_path / "ckpt"))
     expected = {rate: uq.load(path, rate=rate) for rate in QUANT_TABLE}
-    model = ck.ElasticModel.from_checkpoint(path)
+    model = ElasticModel.from_checkpoint(path)
     shutil.rmtree(path)  # from here on, any read of the checkpoint would fail
     with ck.ReadCounter() as counter:
         for rate in (0.35, 0.0, 0.2, 0.35):
@@ -310,7 +313,7 @@ def test_elastic_model_switching_back_costs_no_recompilation(dense):
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % CFG.vocab_size
     cfg_r, params_r = uq.load(path, rate=0.35)
     logits = uq.forward(cfg_r, params_r, tokens)
-    model = ck.ElasticModel.from_checkpoint(path)
+    model = ElasticModel.from_checkpoint(path)
     for rate in (0.0, 0.35):  # first visit: traced and compiled
         model.set_rate(rate)
         model.forward(tokens)
@@ -332,7 +335,7 @@ def test_compile_counter_sees_compilations():
 
 
 def test_elastic_model_rejects_bad_rates(quant):
-    model = ck.ElasticModel(QCFG, quant[1], QUANT_TABLE)
+    model = ElasticModel(QCFG, quant[1], QUANT_TABLE)
     with pytest.raises(ck.RateError, match="not stored"):
         model.set_rate(0.3)
     with pytest.raises(ck.RateError, match="outside"):
@@ -365,7 +368,7 @@ def _rewrite_body(path, edit):
     """Edit the manifest body and re-seal it (a well-formed but wrong manifest)."""
     doc = json.loads((path / ck.MANIFEST).read_text())
     edit(doc["body"])
-    ck.write_manifest(path, doc["body"])
+    write_manifest(path, doc["body"])
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -487,16 +490,16 @@ def test_interrupted_save_keeps_previous_checkpoint(dense_copy, dense, monkeypat
     def interrupted(path, body):
         raise KeyboardInterrupt  # everything written, nothing committed
 
-    monkeypatch.setattr(ck, "_commit", interrupted)
+    monkeypatch.setattr(ck_io, "_commit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ck.save(dense_copy, CFG, new_params, table=DENSE_TABLE)
     _, loaded = uq.load(dense_copy)
     assert_trees_identical(loaded, dense[1])
-    assert len(list(dense_copy.glob(ck.DATA_PREFIX + "*"))) == 2  # the orphan, until the next save
+    assert len(list(dense_copy.glob(DATA_PREFIX + "*"))) == 2  # the orphan, until the next save
     monkeypatch.undo()
     ck.save(dense_copy, CFG, new_params, table=DENSE_TABLE)
     assert_trees_identical(uq.load(dense_copy)[1], new_params)
-    assert len(list(dense_copy.glob(ck.DATA_PREFIX + "*"))) == 1
+    assert len(list(dense_copy.glob(DATA_PREFIX + "*"))) == 1
 
 
 def test_killed_save_keeps_previous_checkpoint(dense_copy, dense):
@@ -506,9 +509,10 @@ def test_killed_save_keeps_previous_checkpoint(dense_copy, dense):
         sys.path.insert(0, {str(REPO)!r})
         import uniql_jax as uq
         from uniql_jax import checkpoint as ck
+        from uniql_jax.checkpoint import io as ck_io
         from tests.helpers import random_params
         from tests.test_checkpoint import CFG, DENSE_TABLE
-        ck._commit = lambda path, body: os._exit(17)
+        ck_io._commit = lambda path, body: os._exit(17)
         ck.save({str(dense_copy)!r}, CFG, random_params(CFG, seed=9), table=DENSE_TABLE)
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -519,7 +523,7 @@ def test_killed_save_keeps_previous_checkpoint(dense_copy, dense):
 
 
 def test_interrupted_first_save_does_not_load(tmp_path, dense, monkeypatch):
-    monkeypatch.setattr(ck, "_commit", lambda path, body: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(ck_io, "_commit", lambda path, body: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         ck.save(tmp_path / "c", CFG, dense[1])
     with pytest.raises(ck.CheckpointError, match="missing"):

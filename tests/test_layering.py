@@ -6,8 +6,9 @@ level, inside functions (a lazy import still ties the two modules together), and
 `importlib.import_module("literal")` / `import_module(f"pkg.{name}")` (an edge to every
 module under the literal prefix, as `converters.hf` picks its mapping tables).
 `from pkg import name` is an edge to the module `pkg.name` when that is a module, else to
-`pkg`. The implicit execution of parent packages' `__init__` is not an edge (every
-sub-package `__init__` here is empty; `uniql_jax/__init__.py` is re-exports only).
+`pkg`. The implicit execution of parent packages' `__init__` is not an edge (a sub-package
+`__init__` is empty or, like `uniql_jax.checkpoint`'s and `uniql_jax/__init__.py`, re-exports
+only; its own imports are edges like any module's).
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
@@ -24,9 +25,9 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
 2  algorithms: `uniql_jax.compress.*`, every other `uniql_jax.quant.*` module (the pure
    cores `rtn`, `gptq`, `uniquan`, `hadamard`, the shared calibration plan `quant.plan` and
    the drivers), `uniql_jax.finetune`.
-3  products: `uniql_jax.checkpoint`, `converters.*` (they need only layer 0, but are
-   products of the library, not a base of it), `uniql_jax.harness`, and the public API
-   `uniql_jax` (its `__init__`). Future `elastic` / `pipeline` modules belong here.
+3  products: the `uniql_jax.checkpoint` package, `uniql_jax.elastic`, `converters.*` (they
+   need only layer 0, but are products of the library, not a base of it), `uniql_jax.harness`,
+   and the public API `uniql_jax` (its `__init__`). A future `pipeline` module belongs here.
 4  programs: `experiments.*`, `benchmarks.*`.
 
 A module of the tree that no rule places fails the test: place it here when adding it.
@@ -52,7 +53,7 @@ LAYERS = {
     "pallas_kernels": 0,
     "uniql_jax.models": 1, "uniql_jax.inference": 1, "uniql_jax.eval": 1, "uniql_jax.data": 1,
     "uniql_jax.compress": 2, "uniql_jax.quant.": 2, "uniql_jax.finetune": 2,
-    "uniql_jax.checkpoint": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax": 3,
+    "uniql_jax.checkpoint": 3, "uniql_jax.elastic": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax": 3,
     "experiments": 4, "benchmarks": 4,
 }
 

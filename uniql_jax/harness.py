@@ -175,7 +175,7 @@ class UniQLM(TemplateLM):
             raise ValueError("give exactly one of ckpt=DIR, pretrained=HF_DIR_OR_GGUF, or cfg/params (or elastic)")
         self.elastic = elastic
         if ckpt is not None:
-            from uniql_jax.checkpoint import ElasticModel
+            from uniql_jax.elastic import ElasticModel
 
             path = Path(ckpt).expanduser()
             ckpt_dir = path / "checkpoint" if (path / "checkpoint").is_dir() else path

@@ -17,12 +17,10 @@ import jax
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.stacks import init_params
 from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant.packed import is_packed
 
 PACKED_SLICERS = {qarray.QArray: qarray.slice_leading, bcq.BCQArray: bcq.slice_leading}
-
-
-def is_packed(x) -> bool:
-    return type(x) in PACKED_SLICERS
+RATE_TOLERANCE = 1e-6  # two pruning rates closer than this are the same stored rate (float noise, JSON)
 
 
 def slice_box(leaf, shape: tuple[int, ...]):
@@ -68,9 +66,9 @@ def slice_to_config(small: ModelConfig, params: dict) -> dict:
 
 
 def lookup_rate(table: dict, rate: float) -> tuple:
-    """The per-block sizes stored for `rate` (exact match up to float noise)."""
+    """The per-block sizes stored for `rate` (exact match up to `RATE_TOLERANCE`)."""
     for r, blocks in table.items():
-        if abs(float(r) - float(rate)) < 1e-6:
+        if abs(float(r) - float(rate)) < RATE_TOLERANCE:
             return blocks
     stored = ", ".join(f"{float(r):g}" for r in sorted(table))
     raise KeyError(f"rate {rate:g} is not in the table (stored rates: {stored})")
