@@ -1,3 +1,6 @@
-"""Masked LoRA fine-tuning (stage 3); the module moves here before its split into lora / train / data."""
+"""Stage 3: masked LoRA fine-tuning over the nested pruning masks of a sorted model.
 
-from uniql_jax.finetune.lora import *  # noqa: F401,F403
+lora.py   the pure core: adapters, merge, masked loss, rate sampling, one optimizer step
+train.py  the driver: batches, the loop, evaluation per rate, selection, resume checkpoints
+data.py   the fine-tuning text: Alpaca-style records, the held-out split
+"""
