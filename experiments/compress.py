@@ -137,7 +137,9 @@ def run(argv=None) -> Path:
     from uniql_jax.quant.quantize import allocation_steps
     from uniql_jax.compress.sort import sort
     from uniql_jax.eval import perplexity
-    from uniql_jax.finetune import finetune_stage
+    from uniql_jax.finetune.data import FinetuneData
+    from uniql_jax.finetune.lora import TrainConfig
+    from uniql_jax.finetune.train import finetune_stage
 
     timer = common.Timer(log.info)
     with timer.stage("convert"):
@@ -169,10 +171,11 @@ def run(argv=None) -> Path:
     if args.finetune_steps:
         report["rates_before_finetune"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("finetune"):
+            text = FinetuneData(source=args.finetune_data, tokens=None if args.finetune_data else calib_stream,
+                                tokenizer=tokenizer)
             params, report["finetune"] = finetune_stage(
-                cfg, params, table, steps=args.finetune_steps, source=args.finetune_data,
-                tokens=None if args.finetune_data else calib_stream, tokenizer=tokenizer,
-                seq_len=args.seq_len, seed=args.seed, lr=args.finetune_lr)
+                cfg, params, table, text, TrainConfig(steps=args.finetune_steps, lr=args.finetune_lr,
+                                                      seq_len=args.seq_len, seed=args.seed))
     if args.quantizer != "none":
         report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
         with timer.stage("quantize"):

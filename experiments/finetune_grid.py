@@ -6,7 +6,7 @@
 
 Pipeline (the stages of experiments.compress, 16-bit): convert -> sort on calibration
 windows of the TinyStories training part -> allocate (block influence) -> masked LoRA
-(`uniql_jax.finetune.finetune_stage` on the training part; its last 10 % of windows pick
+(`uniql_jax.finetune.train.finetune_stage` on the training part; its last 10 % of windows pick
 the best adapters) -> perplexity of the sliced model at every rate on the held-out
 TinyStories documents, which neither sorting nor fine-tuning saw. Then the train
 step's throughput (tokens/s, compile excluded) in float32 and bfloat16. Results are
@@ -55,12 +55,14 @@ def step_throughput(cfg, params, table, tokens, *, batch_size, seq_len, dtype, s
     import jax.numpy as jnp
     import numpy as np
 
-    from uniql_jax import finetune as ft
     from uniql_jax.compress import masks as mask_lib
     from uniql_jax.eval import windows
+    from uniql_jax.finetune import lora as ft
+    from uniql_jax.finetune.train import batch_indices
 
     lora_cfg = ft.LoraConfig()
-    tc = ft.TrainConfig(steps=steps + 1, batch_size=batch_size, seq_len=seq_len, compute_dtype=dtype)
+    tc = ft.TrainConfig(steps=steps + 1, warmup_steps=100, batch_size=batch_size, seq_len=seq_len,
+                        compute_dtype=dtype)
     base = ft.cast_floats(params, jnp.bfloat16) if dtype == "bfloat16" else params
     lora = ft.init_lora(cfg, params, lora_cfg)
     state = {"lora": lora, "opt": ft.make_optimizer(tc).init(lora)}
@@ -69,7 +71,7 @@ def step_throughput(cfg, params, table, tokens, *, batch_size, seq_len, dtype, s
     times = []
     t0 = time.perf_counter()
     for step in range(steps + 1):
-        batch = jnp.asarray(wins[ft.batch_indices(len(wins), step, batch_size, 0)][None])
+        batch = jnp.asarray(wins[batch_indices(len(wins), step, batch_size, 0)][None])
         t = time.perf_counter()
         state, metrics = ft.train_step(cfg, lora_cfg, tc, state, base, batch, stacked, jnp.int32(step))
         jax.block_until_ready(metrics)
@@ -90,7 +92,9 @@ def run(args):
     from uniql_jax import data
     from uniql_jax.compress.allocate import default_steps, param_count
     from uniql_jax.compress.sort import sort
-    from uniql_jax.finetune import finetune_stage
+    from uniql_jax.finetune.data import FinetuneData
+    from uniql_jax.finetune.lora import TrainConfig
+    from uniql_jax.finetune.train import EvalConfig, ResumeConfig, finetune_stage
 
     rates = common.parse_rates(args.rates)
     timer = common.Timer()
@@ -104,9 +108,11 @@ def run(args):
     with timer.stage("allocate"):
         table = uq.allocate(cfg, params, calib, rates, steps=default_steps(cfg))
     with timer.stage("finetune"):
-        _, report = finetune_stage(cfg, params, table, steps=args.steps, tokens=train, eval_tokens=held,
-                                   seq_len=args.seq_len, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                                   grad_accum=args.grad_accum, eval_every=args.eval_every, ckpt_dir=args.ckpt_dir)
+        tc = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         seq_len=args.seq_len, seed=args.seed)
+        _, report = finetune_stage(cfg, params, table, FinetuneData(tokens=train), tc, eval_tokens=held,
+                                   eval_cfg=EvalConfig(every=args.eval_every),
+                                   resume=ResumeConfig(args.ckpt_dir) if args.ckpt_dir else None)
     throughput = []
     if args.bench_steps:
         with timer.stage("throughput"):

@@ -1,8 +1,9 @@
-"""Masked LoRA fine-tuning (uniql_jax/finetune.py): properties that fail when the code is wrong.
+"""Masked LoRA fine-tuning (uniql_jax/finetune/): properties that fail when the code is wrong.
 
 Tiny random models keep compilation short; the learning test uses the real stories260K.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,13 +19,15 @@ import numpy as np
 import pytest
 
 import uniql_jax as uq
-from uniql_jax import finetune as ft
 from uniql_jax.compress import masks as mask_lib
 from uniql_jax.compress.allocate import allocate
 from uniql_jax.compress.prune import abstract_params, prune
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 from uniql_jax.data import DataError
 from uniql_jax.eval import window_nll
+from uniql_jax.finetune import lora as ft
+from uniql_jax.finetune import train as driver
+from uniql_jax.finetune.data import read_finetune_documents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,9 +204,8 @@ def test_gradient_accumulation_equals_one_large_batch_and_the_step_uses_it():
 
     # the step (the configuration of KILL_RUN, so its compilation is shared): it trains the
     # sampled rate, with the accumulated gradient of that step's dropout masks, and moves the adapters
-    lora_cfg = ft.LoraConfig(dropout=KILL_RUN["dropout"])
-    tc = ft.TrainConfig(steps=KILL_RUN["steps"], lr=KILL_RUN["lr"], warmup_steps=KILL_RUN["warmup_steps"],
-                        batch_size=2, grad_accum=2, seq_len=16, seed=KILL_RUN["seed"])
+    lora_cfg, tc = KILL_RUN["lora_cfg"], KILL_RUN["tc"]
+    assert (tc.batch_size, tc.grad_accum, tc.seq_len) == (2, 2, 16)
     step = next(s for s in range(100) if int(ft.sample_rate_index(tc.seed, s, 3)) == 2)
     lv, gv = grads(cfg, lora_cfg, lora, params, batch.reshape(2, 2, 16), masks, ft.step_keys(tc.seed, step)[1])
     state = {"lora": jax.tree.map(jnp.copy, lora), "opt": ft.make_optimizer(tc).init(lora)}
@@ -245,32 +247,36 @@ def test_alpaca_jsonl_reader(tmp_path):
             {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
             {"text": "Once upon a time there was a cat."}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    docs = ft.read_finetune_documents(path)
+    docs = read_finetune_documents(path)
     assert len(docs) == 3
     assert docs[0].endswith("### Instruction:\nName a color.\n\n### Response:\nBlue.") and "### Input" not in docs[0]
     assert "### Input:\n2 and 3\n\n### Response:\n5" in docs[1] and "further context" in docs[1]
     assert docs[2] == rows[2]["text"]
     (tmp_path / "list.json").write_text(json.dumps(rows))
-    assert ft.read_finetune_documents(tmp_path / "list.json") == docs
+    assert read_finetune_documents(tmp_path / "list.json") == docs
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{not json\n')
     with pytest.raises(DataError, match="line 2"):
-        ft.read_finetune_documents(tmp_path / "bad.jsonl")
+        read_finetune_documents(tmp_path / "bad.jsonl")
     (tmp_path / "fields.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(DataError, match="record 0"):
-        ft.read_finetune_documents(tmp_path / "fields.jsonl")
+        read_finetune_documents(tmp_path / "fields.jsonl")
 
 
 def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
     n, per_step = 10, 4
-    seq = np.concatenate([ft.batch_indices(n, s, per_step, seed=5) for s in range(5)])  # 20 samples: 2 epochs
+    seq = np.concatenate([driver.batch_indices(n, s, per_step, seed=5) for s in range(5)])  # 20 samples: 2 epochs
     assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
-    assert np.array_equal(ft.batch_indices(n, 3, per_step, 5), seq[12:16])
-    assert not np.array_equal(ft.batch_indices(n, 3, per_step, 6), seq[12:16])
+    assert np.array_equal(driver.batch_indices(n, 3, per_step, 5), seq[12:16])
+    assert not np.array_equal(driver.batch_indices(n, 3, per_step, 6), seq[12:16])
 
 
 # ----------------------------------------------------------------------------- driver: resume and learning
-KILL_RUN = dict(steps=10, seq_len=16, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2, dropout=0.05,
-                eval_every=3, ckpt_every=2, eval_windows=4, seed=3, progress=False)
+KILL_RUN = dict(tc=ft.TrainConfig(steps=10, seq_len=16, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2, seed=3),
+                lora_cfg=ft.LoraConfig(dropout=0.05), eval_cfg=driver.EvalConfig(every=3, windows=4), progress=False)
+
+
+def checkpoints_in(folder) -> driver.ResumeConfig:
+    return driver.ResumeConfig(folder, every=2)
 
 
 def kill_run_inputs():
@@ -282,15 +288,15 @@ def kill_run_inputs():
 CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from tests.test_finetune import KILL_RUN, kill_run_inputs
-from uniql_jax import finetune as ft
+from tests.test_finetune import KILL_RUN, checkpoints_in, kill_run_inputs
+from uniql_jax.finetune import train as driver
 
 def paced(step, metrics):
     print("step", step, flush=True)
     time.sleep(0.4)
 
 cfg, params, table, train, held = kill_run_inputs()
-ft.train_lora(cfg, params, table, train, held, ckpt_dir={ckpt!r}, callback=paced, **KILL_RUN)
+driver.train_lora(cfg, params, table, train, held, resume=checkpoints_in({ckpt!r}), callback=paced, **KILL_RUN)
 print("finished", flush=True)
 """
 
@@ -323,10 +329,10 @@ def test_killed_run_resumes_to_the_same_adapters(tmp_path):
     assert child.returncode == -signal.SIGKILL
 
     cfg, params, table, train, held = kill_run_inputs()
-    resumed = ft.train_lora(cfg, params, table, train, held, ckpt_dir=ckpt, **KILL_RUN)
+    resumed = driver.train_lora(cfg, params, table, train, held, resume=checkpoints_in(ckpt), **KILL_RUN)
     start = resumed.history["config"]["resumed_from"]
-    assert 4 <= start < KILL_RUN["steps"]
-    straight = ft.train_lora(cfg, params, table, train, held, **KILL_RUN)
+    assert 4 <= start < KILL_RUN["tc"].steps
+    straight = driver.train_lora(cfg, params, table, train, held, **KILL_RUN)
 
     for name in ("lora", "best_lora"):
         a, b = jax.tree.leaves(getattr(resumed, name)), jax.tree.leaves(getattr(straight, name))
@@ -340,7 +346,43 @@ def test_killed_run_resumes_to_the_same_adapters(tmp_path):
     assert straight.history["best_eval_loss"] < straight.history["evals"][0]["eval_loss"]
 
     with pytest.raises(ValueError, match="different fine-tuning run"):
-        ft.train_lora(cfg, params, table, train, held, ckpt_dir=ckpt, **{**KILL_RUN, "lr": 2e-2})
+        driver.train_lora(cfg, params, table, train, held, resume=checkpoints_in(ckpt),
+                          **{**KILL_RUN, "tc": dataclasses.replace(KILL_RUN["tc"], lr=2e-2)})
+    with pytest.raises(ValueError, match="different fine-tuning run"):  # the same weights, channels permuted
+        driver.train_lora(cfg, permute_mlp_channels(params, 1), table, train, held, resume=checkpoints_in(ckpt),
+                          **KILL_RUN)
+
+
+def permute_mlp_channels(params, block: int, seed: int = 0) -> dict:
+    """`params` with the intermediate channels of MLP block `block` permuted (gate/up columns, down
+    rows): the same function, the same multiset of weights per array."""
+    perm = np.random.default_rng(seed).permutation(params["blocks"][block]["up"].shape[1])
+    mlp = dict(params["blocks"][block])
+    mlp.update(gate=mlp["gate"][:, perm], up=mlp["up"][:, perm], down=mlp["down"][perm, :])
+    blocks = list(params["blocks"])
+    blocks[block] = mlp
+    return {**params, "blocks": blocks}
+
+
+def test_resume_fingerprint_sees_a_permutation_of_channels():
+    """The fingerprint hashes the bytes of the weights: identical params (other buffers) match, a
+    permutation of channels does not, though it keeps every per-array sum (the old fingerprint)."""
+    cfg, params, table, train, held = kill_run_inputs()
+    tc, lora_cfg = KILL_RUN["tc"], KILL_RUN["lora_cfg"]
+    train_w, eval_w = train[:160].reshape(-1, 16), held[:64].reshape(-1, 16)
+    rates = sorted(table)
+
+    def fingerprint(p):
+        return driver.fingerprint(cfg, p, lora_cfg, tc, train_w, eval_w, rates, eval_every=3, dense_tolerance=0.01)
+
+    permuted = permute_mlp_channels(params, 1)
+    assert not np.array_equal(permuted["blocks"][1]["up"], params["blocks"][1]["up"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(permuted)):
+        assert np.array_equal(np.sort(np.ravel(a)), np.sort(np.ravel(b)))  # a sum cannot tell them apart
+    copy = jax.tree.map(lambda x: jnp.array(np.asarray(x)), params)
+    assert fingerprint(copy) == fingerprint(params)
+    assert fingerprint(permuted)["weights"] != fingerprint(params)["weights"]
+    assert driver.weights_digest(permute_mlp_channels(params, 1, seed=1)) != driver.weights_digest(permuted)
 
 
 @pytest.mark.slow
@@ -358,8 +400,8 @@ def test_finetuning_stories260k_lowers_held_out_perplexity_when_pruned(shared_da
     train, dev = data.token_stream(docs[:48], tok), data.token_stream(docs[48:60], tok)
     held = data.token_stream(docs[-12:], tok)
     table = uniform_table(cfg, [0.0, 0.35])
-    merged, history = ft.finetune(cfg, params, table, train, dev, steps=40, seq_len=64, batch_size=8, lr=3e-3,
-                                  eval_every=5, eval_windows=16, progress=False)
+    merged, history = driver.finetune(cfg, params, table, train, dev, ft.TrainConfig(steps=40, seq_len=64, lr=3e-3),
+                                      eval_cfg=driver.EvalConfig(every=5, windows=16), progress=False)
     assert history["best_step"] > 0
     assert any(not e.get("dense_ok", True) for e in history["evals"])  # the guard had something to reject
     ppl = {r: [perplexity(*prune(cfg, p, r, table), held, seq_len=64, progress=False) for p in (params, merged)] for r in (0.0, 0.35)}
