@@ -108,3 +108,38 @@ def test_unigram_perplexity_is_the_entropy_of_the_scored_tokens():
     assert ev.unigram_perplexity(tokens, seq_len=4) == pytest.approx(want, rel=1e-12)
     uniform = np.random.default_rng(0).integers(0, 50, 200_000)
     assert 49.0 < ev.unigram_perplexity(uniform, seq_len=100) <= 50.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_window_nll_chunked_head_and_remat_equal_the_whole_logits_reference(params, tied):
+    """window_nll runs the head over HEAD_CHUNK positions (the last chunk padded) and, with
+    remat, recomputes block activations in the backward pass: value and gradient must equal
+    the plain computation over the whole logits of uq.forward."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    p = dict(params)
+    if not tied:
+        p["lm_head"] = jnp.asarray(np.random.default_rng(1).normal(0, 0.3, (CFG.hidden_size, CFG.vocab_size)),
+                                   jnp.float32)
+    else:
+        p.pop("lm_head", None)
+    T = ev.HEAD_CHUNK + 73  # 200 positions: two head chunks, the second padded
+    batch = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
+
+    def reference(q):
+        logits = uq.forward(cfg, q, batch)[:, :-1]
+        picked = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
+
+    want = reference(p)
+    for remat in (False, True):
+        got = ev.window_nll(cfg, p, batch, remat=remat)
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+    g_ref = jax.grad(lambda q: jnp.sum(reference(q)), allow_int=True)(p)  # int leaves (RoPE pair indices): float0
+    for remat in (False, True):
+        g = jax.grad(lambda q: jnp.sum(ev.window_nll(cfg, q, batch, remat=remat)), allow_int=True)(p)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+            if a.dtype != jax.dtypes.float0:
+                np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * float(np.abs(b).max()),
+                                           err_msg=f"remat={remat} {path}")

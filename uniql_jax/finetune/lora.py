@@ -113,6 +113,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (M)
     seq_len: int = 256  # tokens per packed window (T)
     compute_dtype: str = "float32"  # dtype of the frozen weights and activations: one of COMPUTE_DTYPES
+    remat: bool = True  # recompute each block's activations in the backward pass (memory: one block, not all)
     seed: int = 0  # batch order, rates, dropout and the initial A: all functions of (seed, step)
 
     def __post_init__(self):
@@ -237,10 +238,13 @@ def sample_rate_index(seed: int, step, n_rates: int):
 
 
 # ============================================================================ loss and step
-def loss(lora: dict, base: dict, cfg: ModelConfig, lora_cfg: LoraConfig, tokens_BxT, masks, dropout_key=None):
-    """Mean next-token NLL (float32) of the masked forward of the merged model (tokens 2..T of each window)."""
+def loss(lora: dict, base: dict, cfg: ModelConfig, lora_cfg: LoraConfig, tokens_BxT, masks, dropout_key=None,
+         remat: bool = False):
+    """Mean next-token NLL (float32) of the masked forward of the merged model (tokens 2..T of each window).
+
+    `remat`: recompute block activations in the backward pass (`eval.window_nll`); same value and gradient."""
     merged = merge(base, lora, lora_cfg, dropout_key)
-    nll_B = window_nll(cfg, merged, tokens_BxT, masks=masks)
+    nll_B = window_nll(cfg, merged, tokens_BxT, masks=masks, remat=remat)
     return jnp.sum(nll_B) / (tokens_BxT.shape[0] * (tokens_BxT.shape[1] - 1))
 
 
@@ -263,7 +267,7 @@ def learning_rate(tc: TrainConfig, step) -> float:
 
 
 def accumulated_grads(cfg: ModelConfig, lora_cfg: LoraConfig, lora: dict, base: dict, batch_MxBxT, masks,
-                      dropout_key=None):
+                      dropout_key=None, remat: bool = False):
     """(mean loss, mean gradient w.r.t. `lora`) over M micro-batches int32 [M, B, T], scanned.
 
     Micro-batch m uses dropout key fold_in(dropout_key, m); equal to one batch of M·B
@@ -275,7 +279,7 @@ def accumulated_grads(cfg: ModelConfig, lora_cfg: LoraConfig, lora: dict, base: 
         grads_acc, loss_acc = carry
         tokens_BxT, m = inputs
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, m)
-        value, grads = grad_fn(lora, base, cfg, lora_cfg, tokens_BxT, masks, key)
+        value, grads = grad_fn(lora, base, cfg, lora_cfg, tokens_BxT, masks, key, remat)
         return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + value), None
 
     M = batch_MxBxT.shape[0]
@@ -298,7 +302,7 @@ def train_step(cfg: ModelConfig, lora_cfg: LoraConfig, tc: TrainConfig, state: d
     rate_index = sample_rate_index(tc.seed, step, n_rates)
     masks = mask_lib.select(stacked_masks, rate_index)
     value, grads = accumulated_grads(cfg, lora_cfg, state["lora"], base, batch_MxBxT, masks,
-                                     step_keys(tc.seed, step)[1])
+                                     step_keys(tc.seed, step)[1], tc.remat)
     updates, opt = make_optimizer(tc).update(grads, state["opt"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
     metrics = {"loss": value, "rate_index": rate_index, "grad_norm": optax.global_norm(grads)}
