@@ -157,7 +157,7 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
     kernel reached through its dispatcher shows "<op>/pallas" there, a silent fallback
     "<op>/fallback".
     """
-    from uniql_jax.quant.packed import dense as dense_weight  # dequantize any packed format
+    from uniql_jax.quant.formats.packed import dense as dense_weight  # dequantize any packed format
 
     rows = []
     key = bench_key(0)

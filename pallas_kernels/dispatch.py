@@ -14,7 +14,7 @@ inside one run of the quantized axis) to a 2-D packed weight [prod(contraction),
 x reshapes to [M, prod(contraction)], one kernel call, and the result reshapes back.
 Specs outside the rule fall back to dequantize + einsum (`packed.dense_einsum`, what
 `layers.wdot(..., "xla")` computes). The packed-weight helpers come from the formats layer
-(`uniql_jax.quant.packed`): this dispatcher sits below the models and never imports them.
+(`uniql_jax.quant.formats.packed`): this dispatcher sits below the models and never imports them.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import record_dispatch
-from uniql_jax.quant import qarray
-from uniql_jax.quant.packed import dense_einsum, is_packed
-from uniql_jax.quant.packed import flatten_contraction as flatten_packed
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.packed import dense_einsum, is_packed
+from uniql_jax.quant.formats.packed import flatten_contraction as flatten_packed
 
 
 @dataclasses.dataclass(frozen=True)

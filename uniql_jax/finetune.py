@@ -458,7 +458,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     run. `callback(step, metrics)` is called after every step (and after its checkpoint).
     """
     t_start = time.perf_counter()
-    from uniql_jax.compress.prune import is_packed
+    from uniql_jax.quant.formats.packed import is_packed
 
     if any(is_packed(x) for x in jax.tree.leaves(params, is_leaf=is_packed)):
         raise ValueError("fine-tune the 16-bit sorted model: adapters are merged before quantization")

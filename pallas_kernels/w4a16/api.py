@@ -6,7 +6,7 @@ import jax
 
 from pallas_kernels.common import check_implementation, record_dispatch, resolve_interpret
 from pallas_kernels.w4a16 import kernel, reference
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.qarray import QArray
 
 
 def matmul(x: jax.Array, w: QArray, *, implementation: str = "xla", interpret: bool | None = None,

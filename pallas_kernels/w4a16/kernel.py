@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import tiling
 from pallas_kernels.common import is_pow2
 from pallas_kernels.tiling import Config  # noqa: F401  (re-exported: callers pass kernel.Config)
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.qarray import QArray
 
 MIN_BLOCK_K = 2 * tiling.MIN_MMA  # BK/2 byte rows feed an MMA's K dimension
 

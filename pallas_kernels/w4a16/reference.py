@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 
 
 def matmul(x: jax.Array, w: qarray.QArray) -> jax.Array:

@@ -12,7 +12,8 @@ import pytest
 
 from pallas_kernels import dispatch
 from pallas_kernels.testing import assert_close, jit_fast
-from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant import rtn
+from uniql_jax.quant.formats import bcq, qarray
 
 # (spec, x shape, w shape, quantized axis, group size): the model products (attention q, o,
 # mlp down, a [heads, channels, D] product) plus a transposed-output one.
@@ -25,7 +26,7 @@ RULE_CASES = [
 
 
 # one compiled program per call instead of op-by-op dispatch: keeps the suite fast on CPU
-_quantize = jit_fast(qarray.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
+_quantize = jit_fast(rtn.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
 _packed_einsum = jit_fast(dispatch.packed_einsum, static_argnames=("spec",))
 
 

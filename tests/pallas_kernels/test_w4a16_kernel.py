@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels.testing import assert_close, bf16_round, jit_fast, poisoned_like
 from pallas_kernels import tiling
 from pallas_kernels.w4a16 import api, kernel
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 
 # (M, Kin, N, group_size, path): decode-shaped (gemv) and prefill-shaped (tiled) products with
 # odd M and N, N not a multiple of the tile, several K steps and split-K.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.gptq import accumulate_hessian, gptq_quantize, hessian_error, init_hessian
 from uniql_jax.quant.rtn import rtn_quantize
 
@@ -265,8 +265,8 @@ def test_tied_table_quantized_as_the_head_it_is():
 
     assert head_error(as_head["embed"]) < 0.9 * head_error(per_row["embed"])
     ids = jnp.arange(cfg.vocab_size)
-    np.testing.assert_array_equal(np.asarray(rtn.lookup_rows(as_head["embed"], ids)),
+    np.testing.assert_array_equal(np.asarray(qarray.lookup_rows(as_head["embed"], ids)),
                                   np.asarray(qarray.dequantize(as_head["embed"])))
-    head = qarray.quantize_rtn(jnp.asarray(table.T), bits=4, group_size=32, axis=0)
+    head = rtn.quantize_rtn(jnp.asarray(table.T), bits=4, group_size=32, axis=0)
     np.testing.assert_array_equal(np.asarray(qarray.dequantize(transposed_table(head))),
                                   np.asarray(qarray.dequantize(head)).T)

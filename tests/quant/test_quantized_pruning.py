@@ -30,7 +30,8 @@ import uniql_jax as uq
 from uniql_jax.compress.allocate import blocks_for_fractions, default_steps, layer_groups
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
-from uniql_jax.quant import gptq, qarray, rtn
+from uniql_jax.quant import gptq, rtn
+from uniql_jax.quant.formats import packed, qarray
 from uniql_jax.quant.plan import allocation_steps
 
 ARCHS = ("llama", "qwen2", "mamba2", "nemotron_h", "bamba")
@@ -181,8 +182,8 @@ def test_pruning_slices_packed_bytes_never_requantizes(arch, method, bits, monke
     sliced_quantized_axes = {}  # rate -> names of packed weights cut along their quantized axis
     for rate in RATES:
         with monkeypatch.context() as m:  # slicing packed weights must not quantize or pack anything
-            for module, name in [(qarray, "quantize_rtn"), (qarray, "from_codes"), (qarray, "pack_codes"),
-                                 (qarray, "codes_for_scales"), (gptq, "gptq_quantize"), (rtn, "rtn_quantize"),
+            for module, name in [(rtn, "quantize_rtn"), (qarray, "from_codes"), (qarray, "pack_codes"),
+                                 (rtn, "codes_for_scales"), (gptq, "gptq_quantize"), (rtn, "rtn_quantize"),
                                  (rtn, "rtn_quantize_embedding")]:
                 m.setattr(module, name, forbidden)
             cfg_p, pruned = uq.prune(cfg, qparams, rate, table)
@@ -292,11 +293,11 @@ def test_abstract_layout_is_what_quantize_produces(arch, method, bits):
         if qarray.is_qarray(b):
             assert (a.bits, a.group_size, a.axis, a.shape) == (b.bits, b.group_size, b.axis, b.shape), path
         assert [(x.shape, x.dtype) for x in jax.tree.leaves(a)] == [(x.shape, x.dtype) for x in jax.tree.leaves(b)]
-    assert qarray.deployed_bytes(layout) == qarray.deployed_bytes(qparams)
+    assert packed.deployed_bytes(layout) == packed.deployed_bytes(qparams)
     rate = RATES[-1]
     pruned_layout = jax.eval_shape(lambda t: uq.prune(cfg, t, rate, table)[1], layout)
-    assert qarray.deployed_bytes(pruned_layout) == qarray.deployed_bytes(uq.prune(cfg, qparams, rate, table)[1])
-    assert qarray.deployed_bytes(pruned_layout) < qarray.deployed_bytes(layout)
+    assert packed.deployed_bytes(pruned_layout) == packed.deployed_bytes(uq.prune(cfg, qparams, rate, table)[1])
+    assert packed.deployed_bytes(pruned_layout) < packed.deployed_bytes(layout)
 
 
 def test_rtn_runs_no_calibration_pass_and_rounds_to_nearest(monkeypatch):

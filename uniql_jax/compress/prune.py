@@ -16,13 +16,11 @@ import jax
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.stacks import init_params
-from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant.formats import packed
+from uniql_jax.quant.formats.packed import is_packed
 
-PACKED_SLICERS = {qarray.QArray: qarray.slice_leading, bcq.BCQArray: bcq.slice_leading}
-
-
-def is_packed(x) -> bool:
-    return type(x) in PACKED_SLICERS
+# {packed type: leading-box slicer}: the checkpoint names and rebuilds exactly these types.
+PACKED_SLICERS = {cls: packed.slice_leading for cls in packed.PACKED_TYPES}
 
 
 def slice_box(leaf, shape: tuple[int, ...]):
@@ -34,7 +32,7 @@ def slice_box(leaf, shape: tuple[int, ...]):
     if is_packed(leaf):
         for axis, n in enumerate(shape):
             try:
-                leaf = PACKED_SLICERS[type(leaf)](leaf, axis, n)
+                leaf = packed.slice_leading(leaf, axis, n)
             except ValueError as e:
                 if axis != leaf.axis:
                     raise

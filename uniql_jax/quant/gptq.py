@@ -28,7 +28,7 @@ group is computed when its first row is reached, from the rows as updated by eve
 error propagated so far (as the reference code does; blocks are aligned to groups
 here, so unlike the reference with group < block, the intra-block updates of the
 block's earlier rows are included too); codes come from the shared
-RTN rounding (``qarray.codes_for_scales``), so with H = c·I (no correlation to
+RTN rounding (``rtn.codes_for_scales``), so with H = c·I (no correlation to
 exploit) GPTQ returns exactly the RTN result.
 """
 
@@ -40,8 +40,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from uniql_jax.quant import qarray
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant import rtn
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.qarray import QArray
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MAX_DAMP_RETRIES = 6  # damping x10 per retry when Cholesky fails (non-PD H in float32)
@@ -182,7 +183,7 @@ def gptq_quantize(
     d_in, d_out = w_DinxDout.shape
     if hessian_DinxDin.shape != (d_in, d_in):
         raise ValueError(f"Hessian shape {hessian_DinxDin.shape} does not match W {w_DinxDout.shape}")
-    qarray._check(bits, group_size, d_in)
+    qarray.check_layout(bits, group_size, d_in)
     upper_DinxDin, perm_Din, dead_Din = _factor_hessian(hessian_DinxDin, damp, act_order=act_order)
     codes_DinxDout, scales_GxDout = _quantize_rows(
         w_DinxDout, upper_DinxDin, perm_Din, dead_Din,
@@ -218,7 +219,7 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
 
     weights = jnp.where(dead_Din[:, None], 0.0, w_DinxDout.astype(jnp.float32))  # [Din, Dout]
     if act_order:  # static groups: original-order groups, scales before any update
-        init_scales_GxDout = qarray.group_absmax_scale(weights, bits, group_size, 0)
+        init_scales_GxDout = rtn.group_absmax_scale(weights, bits, group_size, 0)
         row_scales_DinxDout = init_scales_GxDout[perm_Din // group_size]  # scale of each visited row
         weights = weights[perm_Din]
     else:  # overwritten group by group as the loop reaches them
@@ -226,7 +227,7 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
 
     def quantize_row(w_row, scale_row):
         """Nearest code of one row under its float16 scales (the shared RTN rounding)."""
-        code_row = qarray.codes_for_scales(w_row[None], scale_row[None], bits, 1, 0)[0]
+        code_row = rtn.codes_for_scales(w_row[None], scale_row[None], bits, 1, 0)[0]
         return code_row, (code_row - zero_code).astype(jnp.float32) * scale_row.astype(jnp.float32)
 
     def block_step(b, state):
@@ -242,7 +243,7 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
                 scale_of_row = lambda i: jax.lax.dynamic_index_in_dim(row_scales_DinxDout, i1 + i, 0, keepdims=False)
             else:  # scale from the error-updated rows of the group, at its first row
                 group_rows = jax.lax.dynamic_slice_in_dim(w_blk, start, group_size, 0)
-                group_scale_Dout = qarray.group_absmax_scale(group_rows, bits, group_size, 0)[0]
+                group_scale_Dout = rtn.group_absmax_scale(group_rows, bits, group_size, 0)[0]
                 scales = jax.lax.dynamic_update_index_in_dim(scales, group_scale_Dout, (i1 + start) // group_size, 0)
                 scale_of_row = lambda i: group_scale_Dout
 

@@ -22,6 +22,8 @@ kept slice is a whole number of groups (``group_size_for``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -32,7 +34,8 @@ import numpy as np
 from uniql_jax.compress import calibration
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.layers import rms_norm
-from uniql_jax.quant import gptq, qarray, rtn, uniquan_driver
+from uniql_jax.quant import gptq, rtn, uniquan_driver
+from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.plan import (  # noqa: F401  (the shared calibration plan, re-exported from here)
     QUANTIZED_INPUT_DIMS, allocation_steps, contraction_count, group_size_for, kept_sizes, linear_contractions,
     linear_inputs)
@@ -65,10 +68,43 @@ def quantize_weight(w, hessian, *, method, bits, group_size, n_contract, damp, a
     return to_qarray_nd(q2, shape, n_contract)
 
 
+# keywords of `uniquan_driver.quantize` that `quantize` sets itself (the rest are its method options)
+_UNIQUAN_SHARED = {"cfg", "params", "calib", "bits", "group_size", "table", "quantize_embeddings", "embedding_bits",
+                   "batch_size", "mesh", "progress"}
+
+
+def method_options(method: str) -> dict:
+    """{name: default} of the settings `options` may pass to `method`'s driver.
+
+    UniQuan: the reconstruction settings of ``uniquan_driver.quantize`` (steps, lr,
+    alpha_lr_ratio, windows_per_step, mix_prob, period, head_steps, seed), read from its
+    signature; GPTQ and RTN take theirs as named keywords of `quantize` (none via `options`).
+    """
+    if method != "uniquan":
+        return {}
+    params = inspect.signature(uniquan_driver.quantize).parameters
+    return {k: p.default for k, p in params.items() if k not in _UNIQUAN_SHARED}
+
+
+def _check_options(method: str, options) -> dict:
+    if options is None:
+        return {}
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        options = dataclasses.asdict(options)
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or a dataclass instance, got {type(options).__name__}")
+    allowed = method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {unknown}; {method} takes "
+                         f"{sorted(allowed) if allowed else 'no options (use the named keywords of quantize)'}")
+    return dict(options)
+
+
 def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
              table: dict | None = None, quantize_embeddings: bool = True, embedding_bits: int | None = None,
              tied_head_gptq: bool = False, damp: float = 0.01, act_order: bool = False,
-             batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
+             batch_size: int = 8, mesh=None, progress: bool = True, options: dict | None = None) -> dict:
     """Params with every linear weight packed (API.md ``uq.quantize``); norms, biases, convs, A, D stay float.
 
     `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
@@ -78,15 +114,20 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     head) at another width, e.g. 8. `tied_head_gptq` (GPTQ only): a tied table is also
     the output head, a linear over the final hidden states; quantize it with GPTQ on
     those inputs (groups along D, the same packed layout) instead of per-row RTN.
+    `options` (a dict or a dataclass instance): settings forwarded to the method's driver,
+    e.g. ``options={"steps": 2560, "lr": 5e-3}`` for UniQuan (``method_options(method)``
+    lists them with their defaults); an unknown key raises. Unset keys keep the driver's
+    defaults.
     """
+    if method not in METHODS + ("uniquan",):
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
+    options = _check_options(method, options)
     if embedding_bits is None:
         embedding_bits = bits
     if method == "uniquan":
         return uniquan_driver.quantize(cfg, params, calib, bits=bits, group_size=group_size, table=table,
                                        quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits,
-                                       batch_size=batch_size, mesh=mesh, progress=progress)
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
+                                       batch_size=batch_size, mesh=mesh, progress=progress, **options)
     t0 = time.perf_counter()
     if method == "rtn":  # no Hessian: no calibration pass (`calib` is not read)
         out, skipped = rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,

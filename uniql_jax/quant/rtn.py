@@ -2,15 +2,16 @@
 
 RTN quantizes every weight on its own: per group of ``group_size`` weights along
 the input axis, ``s = max|w| / (2**(b-1) - 1)`` (stored float16) and
-``code = clip(round(w / s) + 2**(b-1), 0, 2**b - 1)``. The arithmetic lives in
-``qarray.quantize_rtn`` (one source of truth, shared with GPTQ's per-row rounding);
-this module only names the two uses the pipeline has:
+``code = clip(round(w / s) + 2**(b-1), 0, 2**b - 1)``. The grid arithmetic
+(``group_absmax_scale``, ``codes_for_scales``, ``quantize_rtn`` along any axis) is here, one
+source of truth shared with GPTQ's per-row rounding; the format it fills is
+``formats.qarray.QArray``. The two uses the pipeline has:
 
 * ``rtn_quantize``            a linear ``W [Din, Dout]`` (``y = x @ W``), grouped along Din (axis 0);
 * ``rtn_quantize_embedding``  an embedding table ``E [V, D]``, grouped along D (axis 1),
   so that a token's row is dequantized from its own bytes and scales (UniQL quantizes
   embeddings "per row" with RTN; a gather never touches another row; the gather itself,
-  ``qarray.lookup_rows``, is part of the format).
+  ``formats.qarray.lookup_rows``, is part of the format).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
-from uniql_jax.quant import qarray
-from uniql_jax.quant.qarray import QArray
-from uniql_jax.quant.qarray import lookup_rows  # noqa: F401  (re-exported: a format operation, used by the models)
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.qarray import QArray
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
@@ -29,7 +30,7 @@ def rtn_quantize(w_DinxDout: jax.Array, *, bits: int = 4, group_size: int = 128)
     """RTN baseline for a linear ``W [Din, Dout]``: groups along Din -> ``QArray(axis=0)``."""
     if w_DinxDout.ndim != 2:
         raise ValueError(f"rtn_quantize expects a 2-D [Din, Dout] weight, got shape {w_DinxDout.shape}")
-    return qarray.quantize_rtn(w_DinxDout, bits=bits, group_size=group_size, axis=0)
+    return quantize_rtn(w_DinxDout, bits=bits, group_size=group_size, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
@@ -44,4 +45,32 @@ def rtn_quantize_embedding(table_VxD: jax.Array, *, bits: int = 4, group_size: i
     if table_VxD.ndim != 2:
         raise ValueError(f"rtn_quantize_embedding expects a 2-D [V, D] table, got shape {table_VxD.shape}")
     d_model = table_VxD.shape[1]
-    return qarray.quantize_rtn(table_VxD, bits=bits, group_size=group_size or d_model, axis=1)
+    return quantize_rtn(table_VxD, bits=bits, group_size=group_size or d_model, axis=1)
+
+
+def quantize_rtn(w: jax.Array, *, bits: int = 4, group_size: int = 128, axis: int = 0) -> QArray:
+    """Round-to-nearest symmetric group quantization (the baseline quantizer).
+
+    scale = max|w| / (2**(bits-1) - 1) per group; codes = clip(round(w/scale) + 2**(bits-1)).
+    """
+    axis = axis % w.ndim
+    qarray.check_layout(bits, group_size, w.shape[axis])
+    scales = group_absmax_scale(w, bits, group_size, axis)
+    codes = codes_for_scales(w, scales, bits, group_size, axis)
+    return qarray.from_codes(codes, scales, bits=bits, group_size=group_size, axis=axis)
+
+
+def group_absmax_scale(w: jax.Array, bits: int, group_size: int, axis: int) -> jax.Array:
+    """Symmetric per-group scale, rounded to the storage dtype (float16)."""
+    wf = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
+    grouped = wf.reshape(*wf.shape[:-1], -1, group_size)
+    amax = jnp.max(jnp.abs(grouped), axis=-1)
+    scale = jnp.where(amax > 0, amax / ((1 << (bits - 1)) - 1), 1.0)
+    return jnp.moveaxis(scale, -1, axis).astype(qarray.SCALE_DTYPE)
+
+
+def codes_for_scales(w: jax.Array, scales: jax.Array, bits: int, group_size: int, axis: int) -> jax.Array:
+    """Nearest code for each weight under the given (storage-dtype) group scales."""
+    s = qarray.expand_groups(scales.astype(jnp.float32), group_size, axis)
+    q = jnp.round(w.astype(jnp.float32) / s) + (1 << (bits - 1))
+    return jnp.clip(q, 0, (1 << bits) - 1).astype(jnp.int32)

@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = jnp.float16
@@ -51,11 +50,15 @@ class QArray:
     def dtype(self):
         return self.scales.dtype
 
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight of logical shape (``dequantize``); every packed format has this method."""
+        return dequantize(self, dtype)
+
     def __repr__(self):
         return f"QArray(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, axis={self.axis})"
 
 
-def _check(bits: int, group_size: int, n: int):
+def check_layout(bits: int, group_size: int, n: int):
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size % 8 or n % group_size:
@@ -89,7 +92,7 @@ def unpack_codes(packed: jax.Array, bits: int, axis: int) -> jax.Array:
 def from_codes(codes: jax.Array, scales: jax.Array, *, bits: int, group_size: int, axis: int) -> QArray:
     """Build a QArray from unpacked integer codes (logical shape) and group scales."""
     axis = axis % codes.ndim
-    _check(bits, group_size, codes.shape[axis])
+    check_layout(bits, group_size, codes.shape[axis])
     return QArray(pack_codes(codes, bits, axis), scales.astype(SCALE_DTYPE), bits, group_size, axis, tuple(codes.shape))
 
 
@@ -108,34 +111,6 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
     centered = codes_of(q).astype(jnp.float32) - (1 << (q.bits - 1))
     scale = expand_groups(q.scales.astype(jnp.float32), q.group_size, q.axis)
     return (centered * scale).astype(dtype)
-
-
-def quantize_rtn(w: jax.Array, *, bits: int = 4, group_size: int = 128, axis: int = 0) -> QArray:
-    """Round-to-nearest symmetric group quantization (the baseline quantizer).
-
-    scale = max|w| / (2**(bits-1) - 1) per group; codes = clip(round(w/scale) + 2**(bits-1)).
-    """
-    axis = axis % w.ndim
-    _check(bits, group_size, w.shape[axis])
-    scales = group_absmax_scale(w, bits, group_size, axis)
-    codes = codes_for_scales(w, scales, bits, group_size, axis)
-    return from_codes(codes, scales, bits=bits, group_size=group_size, axis=axis)
-
-
-def group_absmax_scale(w: jax.Array, bits: int, group_size: int, axis: int) -> jax.Array:
-    """Symmetric per-group scale, rounded to the storage dtype (float16)."""
-    wf = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
-    grouped = wf.reshape(*wf.shape[:-1], -1, group_size)
-    amax = jnp.max(jnp.abs(grouped), axis=-1)
-    scale = jnp.where(amax > 0, amax / ((1 << (bits - 1)) - 1), 1.0)
-    return jnp.moveaxis(scale, -1, axis).astype(SCALE_DTYPE)
-
-
-def codes_for_scales(w: jax.Array, scales: jax.Array, bits: int, group_size: int, axis: int) -> jax.Array:
-    """Nearest code for each weight under the given (storage-dtype) group scales."""
-    s = expand_groups(scales.astype(jnp.float32), group_size, axis)
-    q = jnp.round(w.astype(jnp.float32) / s) + (1 << (bits - 1))
-    return jnp.clip(q, 0, (1 << bits) - 1).astype(jnp.int32)
 
 
 def slice_leading(q: QArray, axis: int, n: int) -> QArray:
@@ -180,34 +155,3 @@ def lookup_rows(table: QArray, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 def is_qarray(x) -> bool:
     return isinstance(x, QArray)
-
-
-def logical_shape(w) -> tuple[int, ...]:
-    return tuple(w.shape)
-
-
-def nbytes(tree) -> int:
-    """Bytes of all arrays in a params tree, packed quantized weights counted as stored."""
-    leaves = jax.tree.leaves(tree, is_leaf=is_qarray)
-    total = 0
-    for leaf in leaves:
-        if is_qarray(leaf):
-            total += leaf.nbytes
-        else:
-            total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
-def deployed_bytes(tree, float_bytes: int = 2) -> int:
-    """Bytes of a params tree as deployed: packed weights as stored, float arrays at
-    `float_bytes` per element (16-bit by default, whatever the in-memory dtype), integer
-    arrays (RoPE pair indices) as they are."""
-    total = 0
-    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: is_qarray(x) or hasattr(x, "dequantize")):
-        if is_qarray(leaf) or hasattr(leaf, "dequantize"):
-            total += sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(leaf))
-        elif jnp.issubdtype(leaf.dtype, jnp.floating):
-            total += int(np.prod(leaf.shape)) * float_bytes
-        else:
-            total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    return total
