@@ -211,7 +211,7 @@ def test_quantized_fixture_really_holds_both_packed_types(quant):
     from uniql_jax.quant.formats import bcq
 
     _, loaded = uq.load(quant[0])
-    kinds = {type(x) for x in jax.tree.leaves(loaded, is_leaf=lambda x: qarray.is_qarray(x) or bcq.is_bcq(x))}
+    kinds = {type(x) for x in jax.tree.leaves(loaded, is_leaf=packed.is_packed)}
     assert {qarray.QArray, bcq.BCQArray} <= kinds
 
 

@@ -13,7 +13,8 @@ def matmul(x: jax.Array, w: QArray, *, implementation: str = "xla", interpret: b
            **kernel_options) -> jax.Array:
     """x [M, Kin] @ w -> [M, N] in x.dtype with float32 accumulation.
 
-    w: `QArray` of logical shape (Kin, N) quantized along axis 0.
+    w: `QArray` of logical shape (Kin, N) quantized along axis 0, symmetric or with a zero point
+      (`ZeroPointQArray`: the kernel adds the group offsets itself).
     implementation: "xla" (dequantize then dot) or "pallas" (dequantize inside the kernel).
       The kernel covers 4-bit weights with a power-of-two group size and Kin a multiple of
       max(group_size, 32); anything else (e.g. 2/3/8-bit) falls back to the reference.

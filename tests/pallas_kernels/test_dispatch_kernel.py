@@ -26,13 +26,14 @@ RULE_CASES = [
 
 
 # one compiled program per call instead of op-by-op dispatch: keeps the suite fast on CPU
-_quantize = jit_fast(rtn.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
+_quantize = jit_fast(rtn.quantize_rtn, static_argnames=("bits", "group_size", "axis", "zero_point"))
 _packed_einsum = jit_fast(dispatch.packed_einsum, static_argnames=("spec",))
 
 
-def quantized(shape, axis, group_size, seed):
+def quantized(shape, axis, group_size, seed, zero_point=False):
     rng = np.random.default_rng(seed)
-    return _quantize(jnp.asarray(rng.standard_normal(shape, np.float32)), bits=4, group_size=group_size, axis=axis)
+    return _quantize(jnp.asarray(rng.standard_normal(shape, np.float32) + 0.3), bits=4, group_size=group_size,
+                     axis=axis, zero_point=zero_point)
 
 
 def check(spec, x, w):
@@ -44,11 +45,19 @@ def check(spec, x, w):
     assert_close(got, want, atol=1e-6 * scale + 1e-6, rtol=1e-6, what=spec)
 
 
+@pytest.mark.parametrize("zero_point", [False, True], ids=["symmetric", "zero-point"])
 @pytest.mark.parametrize("spec,x_shape,w_shape,axis,group_size", RULE_CASES)
-def test_packed_einsum_rule_specs(spec, x_shape, w_shape, axis, group_size):
-    w = quantized(w_shape, axis, group_size, seed=len(spec) + sum(w_shape))
+def test_packed_einsum_rule_specs(spec, x_shape, w_shape, axis, group_size, zero_point):
+    """Every model spec on the W4A16 kernel (logged, no fallback), with or without zero point."""
+    from pallas_kernels.common import dispatch_log
+
+    w = quantized(w_shape, axis, group_size, seed=len(spec) + sum(w_shape), zero_point=zero_point)
+    assert (w.offset is not None) == zero_point
     assert dispatch.plan_spec(spec, len(x_shape), len(w_shape), axis) is not None
     x = jnp.asarray(np.random.default_rng(sum(x_shape)).standard_normal(x_shape, np.float32))
+    with dispatch_log() as log:
+        dispatch.packed_einsum(spec, x, w)  # eager: traced now, so the dispatch is logged
+    assert log.ran("w4a16", "pallas") == 1 and log.ran("w4a16", "fallback") == 0, log.as_dict()
     check(spec, x, w)
 
 

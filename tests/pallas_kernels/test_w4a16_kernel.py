@@ -70,6 +70,27 @@ def run(implementation, x, w, path):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", [c for c in CASES if not c.marks])
+def test_w4a16_zero_point_matches_oracle(implementation, case):
+    """A ZeroPointQArray (w = s * code + o per group): the kernel adds the offsets itself."""
+    from pallas_kernels.common import dispatch_log
+
+    m, kin, n, group_size, path = case
+    x, w, codes, scales = make_inputs(m, kin, n, group_size, jnp.float32, seed=zlib.crc32(repr(case).encode()))
+    offset = np.random.default_rng(n).uniform(-1.0, 0.5, scales.shape).astype(np.float16)
+    w = qarray.ZeroPointQArray(w.codes, w.scales, w.bits, w.group_size, w.axis, w.shape, jnp.asarray(offset))
+    assert kernel.unsupported_reason(x.shape, w) is None
+    want = oracle(x, codes + 8, scales, group_size) + np.asarray(x, np.float64) @ np.repeat(
+        offset.astype(np.float64), group_size, axis=0)  # s * (q + 8 - 8) + o
+    with dispatch_log() as log:
+        y = run(implementation, x, w, path)
+        y_api = api.matmul(x, w, implementation=implementation, interpret=True)
+    assert log.ran("w4a16", "fallback") == 0 and log.ran("w4a16", implementation) >= 1
+    assert_close(y, want, **TOLERANCE[jnp.float32], what=f"{implementation} {case} zero point")
+    assert_close(y_api, want, **TOLERANCE[jnp.float32], what=f"api {implementation} {case} zero point")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
 def test_w4a16_matches_oracle(implementation, case, dtype):

@@ -18,7 +18,7 @@ import uniql_jax as uq
 from uniql_jax.compress import calibration
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
 from uniql_jax.quant import uniquan_driver as ud
-from uniql_jax.quant.formats import bcq, packed, qarray
+from uniql_jax.quant.formats import bcq, packed
 from uniql_jax.quant.formats.packed import dense as weight
 from uniql_jax.quant.plan import kept_sizes, linear_contractions
 
@@ -101,7 +101,7 @@ def test_every_linear_is_sliceable_bcq_and_the_model_runs(pipeline):
 
 def dense_block(block):
     """A block's params with packed weights (uniform or BCQ) dequantized to float32."""
-    return {k: weight(v, jnp.float32) if qarray.is_qarray(v) or bcq.is_bcq(v) else v for k, v in block.items()}
+    return {k: weight(v, jnp.float32) if packed.is_packed(v) else v for k, v in block.items()}
 
 
 def _box(a, shape):

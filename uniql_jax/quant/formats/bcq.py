@@ -206,12 +206,19 @@ def uniform_as_bcq(scale, zero, bits: int):
 
 
 def from_uniform(q: qarray.QArray) -> BCQArray:
-    """A uniform ``QArray`` as the ``BCQArray`` with the same dequantized values, bit for bit.
+    """A uniform ``QArray`` as the ``BCQArray`` with the same dequantized values.
 
-    ``QArray`` is symmetric with zero point ``2**(k-1)``, so ``o = -s/2``. Every scale
-    ``s * 2**j`` is exact in float16 unless it leaves float16's normal range; in that
-    case (checked when the scales are concrete) this raises instead of rounding.
-    The planes of weight ``w`` are the binary digits of its code, MSB first.
+    The planes of weight ``w`` are the binary digits of its code, MSB first, and
+    ``alpha_i = s 2^(k-2-i)``, so ``sum_i alpha_i b_i = s (code - (2^k - 1) / 2)``; the BCQ
+    offset restores the grid's origin:
+
+    * symmetric (zero point ``2**(k-1)``): ``o = -s/2``: bit for bit;
+    * with a zero point (``w = s * code + offset``): ``o = offset + s (2^k - 1) / 2``, rounded
+      to float16 storage (half a float16 step of ``|o|`` at most; the scales stay exact).
+
+    Every scale ``s * 2**j`` (and the symmetric offset) is exact in float16 unless it
+    leaves float16's normal range; in that case (checked when the scales are concrete)
+    this raises instead of rounding.
     """
     b, exact = _from_uniform(q)
     if not isinstance(exact, jax.core.Tracer) and not bool(exact):
@@ -225,7 +232,13 @@ def _from_uniform(q: qarray.QArray):
     codes = qarray.codes_of(q)  # logical shape, pattern == code
     alpha32, offset32 = uniform_as_bcq(q.scales, 2 ** (bits - 1), bits)  # scales pre+(G,)+post -> +(k,)
     alpha32 = jnp.moveaxis(alpha32, -1, axis + 1)  # pre + (G, k) + post
-    alpha16, offset16 = alpha32.astype(SCALE_DTYPE), offset32.astype(SCALE_DTYPE)
-    exact = jnp.all(alpha16.astype(jnp.float32) == alpha32) & jnp.all(offset16.astype(jnp.float32) == offset32)
+    alpha16 = alpha32.astype(SCALE_DTYPE)
+    exact = jnp.all(alpha16.astype(jnp.float32) == alpha32)
+    if q.offset is None:
+        offset16 = offset32.astype(SCALE_DTYPE)
+        exact &= jnp.all(offset16.astype(jnp.float32) == offset32)
+    else:  # zero point 2^(k-1) gave s (2^(k-1) - 1/2) - s 2^(k-1); the stored grid starts at `offset` instead
+        offset16 = (offset32 + q.scales.astype(jnp.float32) * (1 << (bits - 1))
+                    + q.offset.astype(jnp.float32)).astype(SCALE_DTYPE)
     planes = pack_planes(codes, bits, axis)
     return BCQArray(planes, alpha16, offset16, bits, q.group_size, axis, q.shape), exact

@@ -1,6 +1,7 @@
 """What the models, the pruner and the kernels need of a packed weight, whichever its format.
 
-The formats are `qarray.QArray` (uniform codes + group scales) and `bcq.BCQArray` (binary-coded
+The formats are `qarray.QArray` (uniform codes + group scales; `qarray.ZeroPointQArray` adds
+group offsets) and `bcq.BCQArray` (binary-coded
 planes + alpha + offset). This module is their one interface at the bottom of the layers
 (formats <- models <- algorithms): the models (`layers.wdot`), the pruner (`compress.prune`)
 and the kernel dispatcher (`pallas_kernels.dispatch`) read packed weights only through it,
@@ -26,8 +27,9 @@ from uniql_jax.quant.formats import bcq, qarray
 
 # Every packed weight type (exact types: checkpoints name them). Each has the static fields
 # `bits`, `group_size`, `axis`, `shape` and the methods / properties `dequantize`, `nbytes`.
-PACKED_TYPES = (qarray.QArray, bcq.BCQArray)
-_SLICERS = {qarray.QArray: qarray.slice_leading, bcq.BCQArray: bcq.slice_leading}
+PACKED_TYPES = (qarray.QArray, qarray.ZeroPointQArray, bcq.BCQArray)
+_SLICERS = {qarray.QArray: qarray.slice_leading, qarray.ZeroPointQArray: qarray.slice_leading,
+            bcq.BCQArray: bcq.slice_leading}
 
 
 def is_packed(w) -> bool:
@@ -63,9 +65,9 @@ def flatten_contraction(w, n_contract: int):
     kin = math.prod(w.shape[:n_contract])
     n = math.prod(w.shape[n_contract:])
     lead = lambda a: math.prod(a.shape[:n_contract])  # noqa: E731
-    if qarray.is_qarray(w):
-        return qarray.QArray(w.codes.reshape(lead(w.codes), n), w.scales.reshape(lead(w.scales), n),
-                             w.bits, w.group_size, 0, (kin, n))
+    if qarray.is_qarray(w):  # scales (and offsets) pre+(G,)+post
+        return qarray.rebuild(w, w.codes.reshape(lead(w.codes), n), lambda g: g.reshape(lead(g), n), axis=0,
+                              shape=(kin, n))
     if bcq.is_bcq(w):  # planes pre+(n/8, k)+post, alpha pre+(G, k)+post, offset pre+(G,)+post
         return bcq.BCQArray(w.planes.reshape(lead(w.planes), w.bits, n), w.alpha.reshape(lead(w.alpha), w.bits, n),
                             w.offset.reshape(lead(w.offset), n), w.bits, w.group_size, 0, (kin, n))
@@ -108,7 +110,7 @@ def bits_per_weight(tree) -> float:
 
     Packed weights count their stored bytes (codes / planes plus scales / offsets) over
     their logical element count; plain arrays their itemsize.
-    BCQ: k + 16(k+1)/g; symmetric uniform QArray: k + 16/g.
+    BCQ: k + 16(k+1)/g; symmetric uniform QArray: k + 16/g; with a zero point: k + 32/g.
     """
     total_bytes, total_weights = 0, 0
     for leaf in jax.tree.leaves(tree, is_leaf=is_packed):
