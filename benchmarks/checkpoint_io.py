@@ -36,7 +36,8 @@ from uniql_jax.checkpoint.layout import DEFAULT_CHUNK_BYTES  # noqa: E402
 from uniql_jax.compress.prune import abstract_params  # noqa: E402
 from uniql_jax.elastic import ElasticModel  # noqa: E402
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig  # noqa: E402
-from uniql_jax.quant import qarray  # noqa: E402
+from uniql_jax.quant import rtn  # noqa: E402
+from uniql_jax.quant.formats import packed  # noqa: E402
 
 RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 # quantized axis and group size per weight name (linears along their input axis)
@@ -74,14 +75,14 @@ def random_params(cfg: ModelConfig, seed: int):
 
 
 def quantize(params):
-    rtn = jax.jit(qarray.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
+    quantize_rtn = jax.jit(rtn.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
 
     def leaf(path, w):
         name = jax.tree_util.keystr(path[-1:], simple=True)
         if name not in QUANT_RULES:
             return w
         axis, group = QUANT_RULES[name]
-        return rtn(w, bits=4, group_size=group, axis=axis)
+        return quantize_rtn(w, bits=4, group_size=group, axis=axis)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -125,7 +126,7 @@ def main(argv=None):
     cfg = model_config(args.layers, args.hidden, args.vocab)
     params = quantize(random_params(cfg, seed=0))
     table = uniform_table(cfg)
-    print(f"model: {qarray.nbytes(params) / 2**20:.1f} MiB packed, built in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"model: {packed.nbytes(params) / 2**20:.1f} MiB packed, built in {time.perf_counter() - t0:.1f}s", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="uniql-ckpt-bench-"))
     try:

@@ -339,7 +339,7 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
     from experiments import benchmark
     from pallas_kernels import common as kcommon
     from uniql_jax.compress.prune import prune
-    from uniql_jax.quant.qarray import deployed_bytes
+    from uniql_jax.quant.formats.packed import deployed_bytes
 
     cfg = section_config(spec)
     rates = sorted({r for v, r, _ in variants if v == "w4"})

@@ -35,7 +35,8 @@ import uniql_jax as uq
 from benchmarks.real_model import REPO, add_model_and_data_args
 from uniql_jax import data
 from uniql_jax.models.stacks import bind
-from uniql_jax.quant import gptq, qarray, rtn
+from uniql_jax.quant import gptq, rtn
+from uniql_jax.quant.formats import packed
 from uniql_jax.quant.quantize import transposed_table
 
 
@@ -110,7 +111,7 @@ def main(argv=None):
     tables_q["GPTQ-4 g96 as the head (quantized-prefix hidden states)"] = gptq_table(table, h_q, bits=4, group_size=96)
     for name, q in tables_q.items():
         ppl(f"head to toe: GPTQ-4 linears + {name}", {**quant, "embed": q})
-    bytes_ = {name: qarray.deployed_bytes({"embed": q}) for name, q in tables_q.items()}
+    bytes_ = {name: packed.deployed_bytes({"embed": q}) for name, q in tables_q.items()}
     result = {"model": args.model, "windows": args.windows, "seq_len": args.seq_len,
               "calib_windows": args.calib_windows, "dense_ppl": dense, "gptq_linears_s": round(gptq_s, 1),
               "rows": [{**r, "ratio_to_dense": r["ppl"] / dense} for r in rows], "table_bytes": bytes_,

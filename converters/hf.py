@@ -48,7 +48,7 @@ import numpy as np
 
 from converters.errors import CheckpointError  # noqa: F401  (re-exported: callers catch hf.CheckpointError)
 from uniql_jax.config import ModelConfig
-from uniql_jax.quant.qarray import is_qarray
+from uniql_jax.quant.formats.packed import is_packed
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def save(cfg: ModelConfig, params: dict, out_dir) -> None:
     import jax
     from safetensors.numpy import save_file
 
-    if any(is_qarray(x) or hasattr(x, "dequantize") for x in jax.tree.leaves(params, is_leaf=lambda x: is_qarray(x) or hasattr(x, "dequantize"))):
+    if any(is_packed(x) for x in jax.tree.leaves(params, is_leaf=is_packed)):
         raise CheckpointError("hf.save takes dense weights; dequantize the params first")
     mapping = mapping_for(cfg.arch)
     raw = mapping.config_to_hf(cfg)

@@ -9,7 +9,7 @@ default under ``experiments/defaults/<arch>/``):
 2. perplexity of the sorted float model at every rate (``evaluate_rates``);
 3. the same model quantized once with RTN and once with GPTQ (4 bits, group 128 reduced
    per weight to divide every kept size), then sliced to every rate and evaluated;
-4. deployed parameter bytes (``qarray.deployed_bytes``: packed weights as stored, float
+4. deployed parameter bytes (``packed.deployed_bytes``: packed weights as stored, float
    arrays at 16 bits; embeddings and head included) of the float and GPTQ models at 0 %
    and at the largest rate, from the actual (pruned) arrays.
 
@@ -46,7 +46,7 @@ from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import ModelConfig
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import packed, qarray
 from uniql_jax.quant.quantize import allocation_steps, rtn_quantize_model
 
 log = logging.getLogger("bench_quantization")
@@ -107,13 +107,13 @@ def memory_row(name: str, cfg: ModelConfig, float_params, w4_params, table, rate
     """Deployed bytes of the float (16-bit) and W4 models at 0 % and at `rate`."""
     row = {"model": name, "params": param_count(cfg)}
     for label, tree in (("fp16", float_params), ("w4", w4_params)):
-        row[f"{label}_0"] = qarray.deployed_bytes(tree)
+        row[f"{label}_0"] = packed.deployed_bytes(tree)
         cfg_p = cfg.with_blocks(table[rate])
         if isinstance(jax.tree.leaves(tree)[0], jax.ShapeDtypeStruct):  # abstract arrays: shapes only
             pruned = jax.eval_shape(lambda t: uq.prune(cfg, t, rate, table)[1], tree)
         else:
             cfg_p, pruned = uq.prune(cfg, tree, rate, table)
-        row[f"{label}_{int(round(rate * 100))}"] = qarray.deployed_bytes(pruned)
+        row[f"{label}_{int(round(rate * 100))}"] = packed.deployed_bytes(pruned)
         row["params_pruned"] = param_count(cfg_p)
     pct = int(round(rate * 100))
     row["ratio_w4_0"] = row["fp16_0"] / row["w4_0"]

@@ -13,7 +13,7 @@ and stories260K):
 
 Perplexity on the held-out TinyStories part (``uq.perplexity``), calibration windows from
 the training part, as ``experiments.compress`` does. Storage bits per weight are measured
-from the arrays (``bcq.bits_per_weight``, ``qarray.deployed_bytes``).
+from the arrays (``packed.bits_per_weight``, ``packed.deployed_bytes``).
 
     python -m experiments.bench_quantizers [--models default-llama,stories260K] [--bits 3,4]
         [--steps 200] [--out benchmarks/cpu-quantizers.json]
@@ -70,10 +70,10 @@ def storage(cfg, params) -> dict:
     import jax.numpy as jnp
 
     from uniql_jax.models.layers import weight
-    from uniql_jax.quant import bcq, qarray
+    from uniql_jax.quant.formats import packed as formats, qarray
     from uniql_jax.quant.quantize import linear_contractions
 
-    is_packed = lambda x: qarray.is_qarray(x) or bcq.is_bcq(x)  # noqa: E731
+    is_packed = formats.is_packed
 
     def bits(leaf):
         if is_packed(leaf):
@@ -91,15 +91,15 @@ def storage(cfg, params) -> dict:
     lin_bits, lin_n = map(sum, zip(*map(bits, linear)))
     total_n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params, is_leaf=is_packed))
     return {"bpw_linear": lin_bits / lin_n,
-            "bpw_packed": bcq.bits_per_weight(packed) if packed else 16.0,
+            "bpw_packed": formats.bits_per_weight(packed) if packed else 16.0,
             "packed_share": sum(math.prod(w.shape) for w in packed) / lin_n,
-            "bpw_model": 8 * qarray.deployed_bytes(params) / total_n,
-            "embed_bpw": bcq.bits_per_weight([params["embed"]]) if qarray.is_qarray(params["embed"]) else 16.0}
+            "bpw_model": 8 * formats.deployed_bytes(params) / total_n,
+            "embed_bpw": formats.bits_per_weight([params["embed"]]) if qarray.is_qarray(params["embed"]) else 16.0}
 
 
 def to_bcq_planes(params):
     """Every uniform linear weight (QArray, not the embedding) as the BCQArray with the same values."""
-    from uniql_jax.quant import bcq, qarray
+    from uniql_jax.quant.formats import bcq, qarray
 
     conv = lambda b: {k: bcq.from_uniform(v) if qarray.is_qarray(v) else v for k, v in b.items()}  # noqa: E731
     out = {**params, "blocks": [conv(b) for b in params["blocks"]]}
@@ -218,20 +218,20 @@ def llama_31_8b_storage(bits_list, table_rates) -> dict:
     from converters import hf
     from experiments import bench_quantization as bq
     from uniql_jax.compress.allocate import default_steps
-    from uniql_jax.quant import qarray
+    from uniql_jax.quant.formats import packed
     from uniql_jax.quant.quantize import allocation_steps
 
     cfg = hf.config_from_hf(bq.LLAMA_31_8B, "Llama-3.1-8B config.json")
     table = uq.allocate(cfg, None, None, table_rates, method="uniform",
                         steps=allocation_steps(cfg, 128, default_steps(cfg)))
     top = max(table_rates)
-    row = {"rate": top, "fp16_0": qarray.deployed_bytes(bq.abstract_params(cfg)), "formats": []}
+    row = {"rate": top, "fp16_0": packed.deployed_bytes(bq.abstract_params(cfg)), "formats": []}
     for bits in sorted(bits_list, reverse=True):
         uniform = bq.quantized_layout(cfg, table, bits=bits, group_size=128)
         for name, tree in (("uniform", uniform), ("bcq", jax.eval_shape(to_bcq_planes, uniform))):
             pruned = jax.eval_shape(lambda t: uq.prune(cfg, t, top, table)[1], tree)
-            row["formats"].append({"format": name, "bits": bits, "bytes_0": qarray.deployed_bytes(tree),
-                                   "bytes_top": qarray.deployed_bytes(pruned)})
+            row["formats"].append({"format": name, "bits": bits, "bytes_0": packed.deployed_bytes(tree),
+                                   "bytes_top": packed.deployed_bytes(pruned)})
     return row
 
 

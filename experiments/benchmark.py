@@ -265,7 +265,7 @@ def run(argv=None):
     import jax.numpy as jnp
 
     from uniql_jax.compress.prune import prune
-    from uniql_jax.quant.qarray import deployed_bytes
+    from uniql_jax.quant.formats.packed import deployed_bytes
 
     device = jax.devices()[0]
     device_name = device.device_kind.lower().replace(" ", "-")

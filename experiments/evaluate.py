@@ -59,7 +59,7 @@ def run(argv=None):
     from uniql_jax.compress.allocate import param_count
     from uniql_jax.elastic import ElasticModel
     from uniql_jax.eval import blockwise_nll, perplexity
-    from uniql_jax.quant.qarray import deployed_bytes
+    from uniql_jax.quant.formats.packed import deployed_bytes
 
     run_dir, ckpt = checkpoint_dir(args.ckpt)
     info = checkpoint.read_info(ckpt)

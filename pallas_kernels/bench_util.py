@@ -158,7 +158,7 @@ def bench_packed_matmul(op: str, args, make_weight: Callable, kernels: dict[str,
     implementation="auto" falls back; the benches ask for "pallas", which raises instead)
     "<op>/fallback".
     """
-    from uniql_jax.quant.packed import dense as dense_weight  # dequantize any packed format
+    from uniql_jax.quant.formats.packed import dense as dense_weight  # dequantize any packed format
 
     rows = []
     key = bench_key(0)

@@ -17,7 +17,7 @@ Specs outside the rule run dequantize + einsum (`packed.dense_einsum`, what
 recorded as a fallback with implementation="auto" (the default: the models' impl="pallas"
 switch covers a whole model, some of whose products the kernels cannot take), a ValueError
 with implementation="pallas". The packed-weight helpers come from the formats layer
-(`uniql_jax.quant.packed`): this dispatcher sits below the models and never imports them.
+(`uniql_jax.quant.formats.packed`): this dispatcher sits below the models and never imports them.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import check_implementation, choose_implementation, record_dispatch
-from uniql_jax.quant import qarray
-from uniql_jax.quant.packed import dense_einsum, is_packed
-from uniql_jax.quant.packed import flatten_contraction as flatten_packed
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.packed import dense_einsum, is_packed
+from uniql_jax.quant.formats.packed import flatten_contraction as flatten_packed
 
 
 @dataclasses.dataclass(frozen=True)

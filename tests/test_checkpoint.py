@@ -26,7 +26,8 @@ from uniql_jax.checkpoint.manifest import DATA_PREFIX, write_manifest
 from uniql_jax.compress.prune import prune
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig, config_from_dict, config_to_dict
 from uniql_jax.elastic import ElasticModel
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import packed, qarray
+from uniql_jax.quant.rtn import quantize_rtn
 
 from tests.helpers import data_dir, largest_data_file, random_params
 
@@ -61,9 +62,9 @@ META = {"model": "random-init", "data": "none", "seed": 0, "quantizer": "rtn", "
 
 def quantize_params(params):
     """RTN 4-bit: linears along their input axis, o along R, embed per row; block 3's up/down and lm_head as BCQ."""
-    from uniql_jax.quant import bcq
+    from uniql_jax.quant.formats import bcq
 
-    rtn = jax.jit(qarray.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
+    rtn = jax.jit(quantize_rtn, static_argnames=("bits", "group_size", "axis"))
     to_bcq = jax.jit(bcq.from_uniform)
     rules = {"q": (0, 128), "k": (0, 128), "v": (0, 128), "o": (2, 8), "gate": (0, 128), "up": (0, 128),
              "down": (0, 128)}
@@ -210,10 +211,10 @@ def test_save_load_and_elastic_model_take_relative_paths(tmp_path, monkeypatch):
 
 
 def test_quantized_fixture_really_holds_both_packed_types(quant):
-    from uniql_jax.quant import bcq
+    from uniql_jax.quant.formats import bcq
 
     _, loaded = uq.load(quant[0])
-    kinds = {type(x) for x in jax.tree.leaves(loaded, is_leaf=lambda x: qarray.is_qarray(x) or bcq.is_bcq(x))}
+    kinds = {type(x) for x in jax.tree.leaves(loaded, is_leaf=packed.is_packed)}
     assert {qarray.QArray, bcq.BCQArray} <= kinds
 
 
@@ -259,7 +260,7 @@ def test_manifest_records_table_meta_quantizer_and_versions(quant):
     assert info.provenance["versions"]["jax"] == jax.__version__
     assert info.quantization["packed"]["QArray"]["bits"] == [4]
     assert info.quantization["packed"]["BCQArray"]["count"] == 3
-    assert info.param_bytes == qarray.nbytes(quant[1])
+    assert info.param_bytes == packed.nbytes(quant[1])
     assert info.rate_bytes[0.35] < info.rate_bytes[0.2] < info.rate_bytes[0.0] == info.param_bytes
 
 

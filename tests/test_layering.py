@@ -13,17 +13,15 @@ only; its own imports are edges like any module's).
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
 0  formats and kernels: `uniql_jax.config`, `uniql_jax.paths`, the packed weight formats
-   (`uniql_jax.quant.qarray`, `uniql_jax.quant.bcq`, `uniql_jax.quant.packed` - their one
-   interface) and the empty `uniql_jax.quant` package that holds them; all of
-   `pallas_kernels` (kernels, references, dispatchers, their benches): kernels sit below the
-   models, so the dispatcher never imports a model; the pure RoPE reference lives in
-   `pallas_kernels.rope.reference` and the models call it.
-   (`quant.bcq` still holds the BCQ fitting algorithms beside the format; they import
-   nothing above the formats.)
+   package `uniql_jax.quant.formats` (`qarray`, `bcq` and `packed`, their one interface),
+   the empty `uniql_jax.quant` package that holds it; all of `pallas_kernels` (kernels,
+   references, dispatchers, their benches): kernels sit below the models, so the dispatcher
+   never imports a model; the pure RoPE reference lives in `pallas_kernels.rope.reference`
+   and the models call it.
 1  models and what runs them: `uniql_jax.models.*`, `uniql_jax.inference`, `uniql_jax.eval`,
    `uniql_jax.data`.
 2  algorithms: `uniql_jax.compress.*`, every other `uniql_jax.quant.*` module (the pure
-   cores `rtn`, `gptq`, `uniquan`, `hadamard`, the shared calibration plan `quant.plan` and
+   cores `rtn`, `gptq`, `uniquan`, `bcq_fit`, `hadamard`, the shared calibration plan `quant.plan` and
    the drivers), `uniql_jax.finetune`.
 3  products: the `uniql_jax.checkpoint` package, `uniql_jax.elastic`, `converters.*` (they
    need only layer 0, but are products of the library, not a base of it), `uniql_jax.harness`,
@@ -46,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("uniql_jax", "pallas_kernels", "converters", "experiments", "benchmarks")
 
-FORMATS = ("uniql_jax.quant.qarray", "uniql_jax.quant.bcq", "uniql_jax.quant.packed")
+FORMATS = ("uniql_jax.quant.formats",)  # the package: qarray, bcq, packed
 # (module or package prefix, layer); the longest matching prefix wins
 LAYERS = {
     "uniql_jax.config": 0, "uniql_jax.paths": 0, "uniql_jax.quant": 0, **{m: 0 for m in FORMATS},
@@ -208,7 +206,9 @@ def test_the_graph_sees_the_known_edges():
     assert "pallas_kernels.dispatch" in GRAPH["uniql_jax.models.layers"]  # inside wdot
     assert "converters.mappings.llama" in GRAPH["converters.hf"]  # importlib.import_module(f"...")
     assert strongly_connected({"a": {"b": ""}, "b": {"c": ""}, "c": {"a": ""}, "d": {"a": ""}}) == [["a", "b", "c"]]
-    assert layer_of("uniql_jax.quant.qarray") == 0 and layer_of("uniql_jax.quant.gptq") == 2
+    assert layer_of("uniql_jax.quant.formats.qarray") == 0 and layer_of("uniql_jax.quant.gptq") == 2
+    assert layer_of("uniql_jax.quant.formats.packed") == 0 and layer_of("uniql_jax.quant.bcq_fit") == 2
+    assert "uniql_jax.quant.formats.packed" in GRAPH["pallas_kernels.dispatch"]
 
 
 def test_no_import_cycles():

@@ -6,7 +6,7 @@ import jax
 
 from pallas_kernels.bcq import kernel, reference
 from pallas_kernels.common import choose_implementation, record_dispatch, resolve_interpret
-from uniql_jax.quant.bcq import BCQArray
+from uniql_jax.quant.formats.bcq import BCQArray
 
 
 def matmul(x: jax.Array, w: BCQArray, *, implementation: str | None = "xla", interpret: bool | None = None,

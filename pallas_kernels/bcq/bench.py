@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import bench_util, tiling
 from pallas_kernels.bcq import api, reference
-from uniql_jax.quant.bcq import BCQArray
+from uniql_jax.quant.formats.bcq import BCQArray
 
 BITS, GROUP_SIZE = 4, 128
 SMALL_SHAPES = ((256, 128), (128, 200))

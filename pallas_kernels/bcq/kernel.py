@@ -1,6 +1,6 @@
 """BCQ (binary-coding quantization) matmul kernels (Pallas, Triton GPU backend or interpret mode).
 
-Weight format (`uniql_jax.quant.bcq.BCQArray`, 2-D (Kin, N) along axis 0, k bit-planes):
+Weight format (`uniql_jax.quant.formats.bcq.BCQArray`, 2-D (Kin, N) along axis 0, k bit-planes):
 planes uint8 [Kin/8, k, N] (byte r of plane i holds bit_i of rows 8r..8r+7, row 8r+j in bit j),
 alpha float16 [Kin/gs, k, N], offset float16 [Kin/gs, N], and
 
@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import tiling
 from pallas_kernels.common import alias_initial_outputs, is_pow2, lane_mask, next_pow2, triton_params
 from pallas_kernels.tiling import Config
-from uniql_jax.quant.bcq import BCQArray
+from uniql_jax.quant.formats.bcq import BCQArray
 
 ROWS_PER_BYTE = 8
 MIN_BLOCK_K = ROWS_PER_BYTE * tiling.MIN_MMA  # BK/8 byte rows feed an MMA's K dimension

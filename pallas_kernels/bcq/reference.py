@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from uniql_jax.quant.bcq import BCQArray
+from uniql_jax.quant.formats.bcq import BCQArray
 
 
 def matmul(x: jax.Array, w: BCQArray) -> jax.Array:

@@ -6,14 +6,15 @@ import jax
 
 from pallas_kernels.common import choose_implementation, resolve_interpret
 from pallas_kernels.w4a16 import kernel, reference
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.qarray import QArray
 
 
 def matmul(x: jax.Array, w: QArray, *, implementation: str | None = "xla", interpret: bool | None = None,
            **kernel_options) -> jax.Array:
     """x [M, Kin] @ w -> [M, N] in x.dtype with float32 accumulation.
 
-    w: `QArray` of logical shape (Kin, N) quantized along axis 0.
+    w: `QArray` of logical shape (Kin, N) quantized along axis 0, symmetric or with a zero point
+      (`ZeroPointQArray`: the kernel adds the group offsets itself).
     implementation: "xla" (dequantize then dot), "pallas" (dequantize inside the kernel) or
       None / "auto" (the kernel where it can, else the reference). The kernel covers 4-bit
       weights with a power-of-two group size and Kin a multiple of max(group_size, 32);

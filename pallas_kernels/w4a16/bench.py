@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import bench_util, tiling
 from pallas_kernels.w4a16 import api, kernel, reference
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.qarray import QArray
 
 GROUP_SIZE = 128
 SMALL_SHAPES = ((256, 128), (128, 200))

@@ -13,8 +13,8 @@ from pallas_kernels import common, dispatch
 from pallas_kernels.bcq import api as bcq_api
 from pallas_kernels.rope import api as rope_api
 from pallas_kernels.w4a16 import api as w4a16_api
-from uniql_jax.quant.bcq import BCQArray
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.bcq import BCQArray
+from uniql_jax.quant.formats.qarray import QArray
 
 S = jax.ShapeDtypeStruct
 

@@ -52,7 +52,7 @@ RELOAD = textwrap.dedent("""
     from converters import hf
     from uniql_jax import data
     from uniql_jax.compress.allocate import param_count
-    from uniql_jax.quant.qarray import deployed_bytes
+    from uniql_jax.quant.formats.packed import deployed_bytes
 
     run, eval_file, seq_len, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rates = [float(r) for r in sys.argv[5].split(",")]

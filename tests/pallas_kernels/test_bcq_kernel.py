@@ -23,7 +23,7 @@ import pytest
 from pallas_kernels import common, tiling
 from pallas_kernels.bcq import api, kernel
 from pallas_kernels.testing import KernelCases, assert_close, bf16_round, jit_fast, poisoned_like
-from uniql_jax.quant import bcq
+from uniql_jax.quant.formats import bcq
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 # (M, Kin, N, group_size, bits, path), dtype: odd N, N not a multiple of the tile, 2-4 planes,

@@ -16,7 +16,8 @@ import pytest
 
 from pallas_kernels import common, dispatch
 from pallas_kernels.testing import assert_close, jit_fast
-from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant import rtn
+from uniql_jax.quant.formats import bcq, qarray
 
 # (spec, x shape, w shape, quantized axis, group size): the model products (attention q, o,
 # mlp down, a [heads, channels, D] product) plus a transposed-output one.
@@ -29,12 +30,13 @@ RULE_CASES = [
 
 
 # one compiled program per call instead of op-by-op dispatch: keeps the suite fast on CPU
-_quantize = jit_fast(qarray.quantize_rtn, static_argnames=("bits", "group_size", "axis"))
+_quantize = jit_fast(rtn.quantize_rtn, static_argnames=("bits", "group_size", "axis", "zero_point"))
 
 
-def quantized(shape, axis, group_size, seed):
+def quantized(shape, axis, group_size, seed, zero_point=False):
     rng = np.random.default_rng(seed)
-    return _quantize(jnp.asarray(rng.standard_normal(shape, np.float32)), bits=4, group_size=group_size, axis=axis)
+    return _quantize(jnp.asarray(rng.standard_normal(shape, np.float32) + 0.3), bits=4, group_size=group_size,
+                     axis=axis, zero_point=zero_point)
 
 
 def check(spec, x, w, ran, implementation="auto"):
@@ -42,16 +44,19 @@ def check(spec, x, w, ran, implementation="auto"):
     with common.dispatch_log() as log:
         got = jit_fast(functools.partial(dispatch.packed_einsum, spec, implementation=implementation))(x, w)
     assert log.counts == ran, (log.counts, log.fallback_reasons)
-    dense = np.asarray(w.dequantize(jnp.float32) if bcq.is_bcq(w) else qarray.dequantize(w, jnp.float32), np.float64)
+    dense = np.asarray(w.dequantize(jnp.float32), np.float64)
     x64 = np.asarray(x, np.float64)
     want, scale = np.einsum(spec, x64, dense), np.einsum(spec, np.abs(x64), np.abs(dense))
     assert got.dtype == x.dtype
     assert_close(got, want, atol=1e-6 * scale + 1e-6, rtol=1e-6, what=spec)
 
 
+@pytest.mark.parametrize("zero_point", [False, True], ids=["symmetric", "zero-point"])
 @pytest.mark.parametrize("spec,x_shape,w_shape,axis,group_size", RULE_CASES)
-def test_packed_einsum_rule_specs(spec, x_shape, w_shape, axis, group_size):
-    w = quantized(w_shape, axis, group_size, seed=len(spec) + sum(w_shape))
+def test_packed_einsum_rule_specs(spec, x_shape, w_shape, axis, group_size, zero_point):
+    """Every model spec on the W4A16 kernel (logged, no fallback), with or without zero point."""
+    w = quantized(w_shape, axis, group_size, seed=len(spec) + sum(w_shape), zero_point=zero_point)
+    assert (w.offset is not None) == zero_point
     assert dispatch.plan_spec(spec, len(x_shape), len(w_shape), axis) is not None
     x = jnp.asarray(np.random.default_rng(sum(x_shape)).standard_normal(x_shape, np.float32))
     for implementation in ("auto", "pallas"):

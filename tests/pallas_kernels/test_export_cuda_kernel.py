@@ -17,8 +17,8 @@ from pallas_kernels import common
 from pallas_kernels.bcq import kernel as bcq_kernel
 from pallas_kernels.rope import kernel as rope_kernel
 from pallas_kernels.w4a16 import kernel as w4a16_kernel
-from uniql_jax.quant.bcq import BCQArray
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant.formats.bcq import BCQArray
+from uniql_jax.quant.formats.qarray import QArray
 
 S = jax.ShapeDtypeStruct
 

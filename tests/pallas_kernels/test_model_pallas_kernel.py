@@ -12,7 +12,8 @@ from pallas_kernels import common
 from pallas_kernels.testing import assert_close, jit_fast
 from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
 from uniql_jax.models import stacks
-from uniql_jax.quant import qarray
+from uniql_jax.quant import rtn
+from uniql_jax.quant.formats import qarray
 
 # quantized (contraction) axis of each block weight, as the models lay them out
 QUANT_AXIS = {"q": 0, "k": 0, "v": 0, "o": 2, "up": 0, "gate": 0, "down": 0}
@@ -25,9 +26,9 @@ def test_quantized_pruned_model_pallas_equals_xla(dtype):
     cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                       rotary_dim=32, intermediate_size=256, blocks=(AttentionBlock(0, 12, 0, 32), MLPBlock(0, 256)))
     params = stacks.init_params(cfg, seed=0, dtype=dtype)
-    params["blocks"] = [{name: qarray.quantize_rtn(w, bits=4, group_size=32, axis=QUANT_AXIS[name])
+    params["blocks"] = [{name: rtn.quantize_rtn(w, bits=4, group_size=32, axis=QUANT_AXIS[name])
                          if name in QUANT_AXIS else w for name, w in block.items()} for block in params["blocks"]]
-    params["lm_head"] = qarray.quantize_rtn(params["lm_head"], bits=4, group_size=32, axis=0)
+    params["lm_head"] = rtn.quantize_rtn(params["lm_head"], bits=4, group_size=32, axis=0)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 256, (2, 5)))
     positions = jnp.asarray(rng.integers(0, 2000, (2, 1))) + jnp.arange(5)  # per-sequence offsets

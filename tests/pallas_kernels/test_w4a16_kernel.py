@@ -23,7 +23,7 @@ import pytest
 from pallas_kernels import common, tiling
 from pallas_kernels.testing import KernelCases, assert_close, bf16_round, jit_fast, poisoned_like
 from pallas_kernels.w4a16 import api, kernel
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 
 # (M, Kin, N, group_size, path): decode-shaped (gemv) and prefill-shaped (tiled) products with
 # odd M and N, N not a multiple of the tile, several K steps and split-K.
@@ -92,6 +92,19 @@ class W4A16Cases(KernelCases):
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close(y, oracle(x, codes, scales, group_size), **TOLERANCE[dtype],
                      what=f"{self.IMPLEMENTATION} {case}")
+
+    @pytest.mark.parametrize("case", [c for c in CASES if not c.marks])
+    def test_zero_point_matches_oracle(self, case):
+        """A ZeroPointQArray (w = s * code + o per group): the kernel adds the offsets itself."""
+        m, kin, n, group_size, path = case
+        x, w, codes, scales = make_inputs(m, kin, n, group_size, jnp.float32, seed=zlib.crc32(repr(case).encode()))
+        offset = np.random.default_rng(n).uniform(-1.0, 0.5, scales.shape).astype(np.float16)
+        w = qarray.ZeroPointQArray(w.codes, w.scales, w.bits, w.group_size, w.axis, w.shape, jnp.asarray(offset))
+        assert kernel.unsupported_reason(x.shape, w) is None
+        want = oracle(x, codes + 8, scales, group_size) + np.asarray(x, np.float64) @ np.repeat(
+            offset.astype(np.float64), group_size, axis=0)  # s * (q + 8 - 8) + o
+        y = self.matmul(x, w, path)
+        assert_close(y, want, **TOLERANCE[jnp.float32], what=f"{self.IMPLEMENTATION} {case} zero point")
 
 
 class TestW4A16Xla(W4A16Cases):

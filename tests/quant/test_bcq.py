@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant import bcq_fit, rtn
+from uniql_jax.quant.formats import bcq, packed, qarray
 
 
 def _weights(shape, seed=0, scale=0.02):
@@ -17,7 +18,7 @@ def _weights(shape, seed=0, scale=0.02):
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "axis"))
 def _rtn(w, *, bits, group_size, axis):
-    return qarray.quantize_rtn(w, bits=bits, group_size=group_size, axis=axis)
+    return rtn.quantize_rtn(w, bits=bits, group_size=group_size, axis=axis)
 
 
 _uq_dequantize = jax.jit(qarray.dequantize, static_argnames=("dtype",))
@@ -45,21 +46,21 @@ def test_from_uniform_refuses_scales_outside_float16():
 
 
 def test_alternating_fit_error_non_increasing_and_below_greedy():
-    x = bcq.to_rows(_weights((512, 32), seed=1), 64, 0)  # [256, 64]
-    fit = jax.jit(functools.partial(bcq.alternating_fit_rows, bits=3, rounds=15))
+    x = bcq_fit.to_rows(_weights((512, 32), seed=1), 64, 0)  # [256, 64]
+    fit = jax.jit(functools.partial(bcq_fit.alternating_fit_rows, bits=3, rounds=15))
     alpha, offset, patterns, errors = fit(x)
     errors = np.asarray(errors, np.float64)  # [16, R]
-    greedy_alpha, greedy_offset, greedy_patterns = bcq.greedy_fit_rows(x, 3)
-    greedy_err = np.asarray(jnp.sum((x - bcq.level_values(greedy_patterns, greedy_alpha) - greedy_offset[:, None]) ** 2, -1))
+    greedy_alpha, greedy_offset, greedy_patterns = bcq_fit.greedy_fit_rows(x, 3)
+    greedy_err = np.asarray(jnp.sum((x - bcq_fit.level_values(greedy_patterns, greedy_alpha) - greedy_offset[:, None]) ** 2, -1))
     np.testing.assert_allclose(errors[0], greedy_err, rtol=1e-5)
     # every round solves one block of variables exactly: the per-row error never rises
     assert np.all(np.diff(errors, axis=0) <= 1e-6 * errors[:-1] + 1e-12)
-    final = np.asarray(jnp.sum((x - bcq.level_values(patterns, alpha) - offset[:, None]) ** 2, -1))
+    final = np.asarray(jnp.sum((x - bcq_fit.level_values(patterns, alpha) - offset[:, None]) ** 2, -1))
     np.testing.assert_allclose(final, errors.min(0), rtol=1e-5)
     assert final.sum() < 0.75 * greedy_err.sum()  # alternation clearly beats the greedy start
     assert np.all(np.asarray(alpha) >= 0) and np.all(np.diff(np.asarray(alpha), axis=-1) <= 0)  # canonical
     # codes are the nearest levels of the final scales (full search == brute force argmin)
-    levels = np.asarray(alpha) @ np.asarray(bcq.sign_table(3)).T + np.asarray(offset)[:, None]  # [R, 8]
+    levels = np.asarray(alpha) @ np.asarray(bcq_fit.sign_table(3)).T + np.asarray(offset)[:, None]  # [R, 8]
     brute = np.argmin(np.abs(np.asarray(x)[:, :, None] - levels[:, None, :]), axis=-1)
     np.testing.assert_array_equal(levels[np.arange(len(levels))[:, None], brute],
                                   levels[np.arange(len(levels))[:, None], np.asarray(patterns)])
@@ -69,7 +70,7 @@ def test_alternating_fit_error_non_increasing_and_below_greedy():
 def fitted():
     """A 3-bit BCQ fit of a 3-D weight quantized along axis 1 (groups of 16)."""
     w = _weights((3, 64, 40), seed=2)
-    return w, bcq.bcq_fit(w, bits=3, group_size=16, rounds=15, axis=1)
+    return w, bcq_fit.bcq_fit(w, bits=3, group_size=16, rounds=15, axis=1)
 
 
 def test_bcq_fit_layout_and_error_below_uniform(fitted):
@@ -116,7 +117,7 @@ def test_nested_planes_least_squares_refit(fitted):
     for k in range(1, b.bits + 1):
         truncated = bcq.drop_planes(b, k)
         np.testing.assert_array_equal(np.asarray(truncated.planes), np.asarray(b.planes)[:, :, :k])
-        exact = bcq.drop_planes(b, k, *bcq.refit_alpha(b, w, k, H=H, damp=0.0))
+        exact = bcq.drop_planes(b, k, *bcq_fit.refit_alpha(b, w, k, H=H, damp=0.0))
         # the least-squares optimum over (alpha, o) is never worse than any other choice
         assert out_err(exact) <= out_err(truncated) * (1 + 1e-4)
         refit_errs.append(out_err(exact))
@@ -125,8 +126,8 @@ def test_nested_planes_least_squares_refit(fitted):
     assert refit_errs[0] > 4 * refit_errs[-1]
     # with fewer planes than stored, refitting beats plain truncation clearly, and fitting the
     # calibration output beats fitting the weights (which in turn beats truncation on weights)
-    weight_ls = bcq.drop_planes(b, 2, *bcq.refit_alpha(b, w, 2))
-    exact2 = bcq.drop_planes(b, 2, *bcq.refit_alpha(b, w, 2, H=H, damp=0.0))
+    weight_ls = bcq.drop_planes(b, 2, *bcq_fit.refit_alpha(b, w, 2))
+    exact2 = bcq.drop_planes(b, 2, *bcq_fit.refit_alpha(b, w, 2, H=H, damp=0.0))
     assert out_err(exact2) < 0.9 * out_err(bcq.drop_planes(b, 2))
     assert out_err(exact2) <= out_err(weight_ls) * (1 + 1e-4)
     w_err = lambda bk: float(jnp.sum((bk.dequantize() - w) ** 2))
@@ -137,12 +138,12 @@ def test_bits_per_weight_measured_from_arrays():
     w = _weights((512, 64), seed=5)
     for bits, g in ((4, 128), (3, 64), (2, 32)):
         q = _rtn(w, bits=bits, group_size=g, axis=0)
-        assert bcq.bits_per_weight(q) == pytest.approx(bits + 16 / g)
-        assert bcq.bits_per_weight(bcq.from_uniform(q)) == pytest.approx(bits + 16 * (bits + 1) / g)
-    b4 = bcq.bcq_fit(w, bits=4, group_size=128, rounds=1)
-    assert bcq.bits_per_weight(b4) == 4.625  # UNIQUAN.md: 4.625 bpw at k=4, g=128
+        assert packed.bits_per_weight(q) == pytest.approx(bits + 16 / g)
+        assert packed.bits_per_weight(bcq.from_uniform(q)) == pytest.approx(bits + 16 * (bits + 1) / g)
+    b4 = bcq_fit.bcq_fit(w, bits=4, group_size=128, rounds=1)
+    assert packed.bits_per_weight(b4) == 4.625  # UNIQUAN.md: 4.625 bpw at k=4, g=128
     norm = jnp.ones((64,), jnp.float16)
     mixed = {"w": b4, "norm": norm}
     expected = 8 * (b4.nbytes + norm.nbytes) / (w.size + norm.size)
-    assert bcq.bits_per_weight(mixed) == pytest.approx(expected)
-    assert bcq.bits_per_weight(bcq.drop_planes(b4, 2)) == pytest.approx(2 + 16 * 3 / 128)  # 2 scales + offset
+    assert packed.bits_per_weight(mixed) == pytest.approx(expected)
+    assert packed.bits_per_weight(bcq.drop_planes(b4, 2)) == pytest.approx(2 + 16 * 3 / 128)  # 2 scales + offset

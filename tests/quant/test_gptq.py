@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.gptq import accumulate_hessian, gptq_quantize, hessian_error, init_hessian
 from uniql_jax.quant.rtn import rtn_quantize
 
@@ -101,6 +101,28 @@ def test_identity_hessian_gives_exactly_rtn(bits, act_order):
     r = rtn_quantize(w, bits=bits, group_size=32)
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(r.codes))
     np.testing.assert_array_equal(np.asarray(q.scales), np.asarray(r.scales))
+
+
+@pytest.mark.parametrize("bits,act_order", PROPERTY_CASES)
+def test_zero_point_gptq_below_zero_point_rtn_and_identity_gives_rtn(bits, act_order):
+    """zero_point=True: the row loop rounds on the asymmetric min/max grid. With H = c·I it is
+    exactly RTN on that grid (codes, scales, offsets), so the grid inside the loop is the
+    asymmetric one; with a real H its Hessian-weighted error is below RTN's on the same grid."""
+    x, w = correlated_layer(128, 48, seed=9)
+    w = w + 0.5  # off-centre columns: the zero point matters
+    kwargs = dict(bits=bits, group_size=32, block_size=64, act_order=act_order, zero_point=True)
+    r = rtn_quantize(w, bits=bits, group_size=32, zero_point=True)
+    q_id = gptq_quantize(w, 2.7 * jnp.eye(128), **kwargs)
+    assert type(q_id) is qarray.ZeroPointQArray
+    for field in ("codes", "scales", "offset"):
+        np.testing.assert_array_equal(np.asarray(getattr(q_id, field)), np.asarray(getattr(r, field)))
+    h = hessian_of(x)
+    q = gptq_quantize(w, h, **kwargs)
+    err_gptq = float(hessian_error(w, dequantize(q), h))
+    err_rtn = float(hessian_error(w, dequantize(r), h))
+    assert err_gptq <= err_rtn, (err_gptq, err_rtn)
+    sym = gptq_quantize(w, h, **{**kwargs, "zero_point": False})
+    assert err_gptq < float(hessian_error(w, dequantize(sym), h))  # the zero point pays off here
 
 
 @pytest.mark.parametrize("bits,act_order", PROPERTY_CASES)
@@ -265,8 +287,8 @@ def test_tied_table_quantized_as_the_head_it_is():
 
     assert head_error(as_head["embed"]) < 0.9 * head_error(per_row["embed"])
     ids = jnp.arange(cfg.vocab_size)
-    np.testing.assert_array_equal(np.asarray(rtn.lookup_rows(as_head["embed"], ids)),
+    np.testing.assert_array_equal(np.asarray(qarray.lookup_rows(as_head["embed"], ids)),
                                   np.asarray(qarray.dequantize(as_head["embed"])))
-    head = qarray.quantize_rtn(jnp.asarray(table.T), bits=4, group_size=32, axis=0)
+    head = rtn.quantize_rtn(jnp.asarray(table.T), bits=4, group_size=32, axis=0)
     np.testing.assert_array_equal(np.asarray(qarray.dequantize(transposed_table(head))),
                                   np.asarray(qarray.dequantize(head)).T)

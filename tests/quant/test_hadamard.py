@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from uniql_jax.models.layers import rms_norm
-from uniql_jax.quant import hadamard, qarray
+from uniql_jax.quant import hadamard
+from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.rtn import rtn_quantize
 
 dequantize = jax.jit(qarray.dequantize)  # one compile per shape instead of one per op

@@ -30,7 +30,8 @@ import uniql_jax as uq
 from uniql_jax.compress.allocate import blocks_for_fractions, default_steps, layer_groups
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
-from uniql_jax.quant import gptq, qarray, rtn
+from uniql_jax.quant import gptq, rtn
+from uniql_jax.quant.formats import packed, qarray
 from uniql_jax.quant.plan import allocation_steps
 
 ARCHS = ("llama", "qwen2", "mamba2", "nemotron_h", "bamba")
@@ -64,13 +65,15 @@ def small_config(arch: str) -> ModelConfig:
 
 
 # (arch, method, bits); method "gptq" / "rtn": the driver uq.quantize (calibration pass);
-# "rtn-direct": uq.quantize(method="rtn") without calibration windows (it runs no calibration pass).
+# "rtn-direct": uq.quantize(method="rtn") without calibration windows (it runs no calibration pass);
+# a "-zp" suffix: zero_point=True (asymmetric ZeroPointQArray weights, offsets sliced like scales).
 # Default: every arch once, the GPTQ driver on llama, 3-bit packing (3 bytes per 8 codes) on
 # Nemotron-H, which has every block kind; the driver on the other archs is slow.
 FAST_CASES = [("llama", "gptq", 4), ("qwen2", "rtn-direct", 4), ("mamba2", "rtn-direct", 4),
-              ("nemotron_h", "rtn-direct", 3), ("bamba", "rtn-direct", 4)]
+              ("nemotron_h", "rtn-direct", 3), ("bamba", "rtn-direct", 4), ("llama", "rtn-direct-zp", 4)]
 SLOW_CASES = [(a, "gptq", 4) for a in ARCHS[1:]] + [("llama", "rtn", 3), ("nemotron_h", "rtn", 3),
-                                                     ("bamba", "gptq", 3)]
+                                                     ("bamba", "gptq", 3), ("llama", "gptq-zp", 4),
+                                                     ("nemotron_h", "rtn-direct-zp", 3)]
 
 
 def cases(fast_ids=None, keep=lambda arch, method, bits: True):
@@ -136,10 +139,13 @@ def quantized_model(arch: str, method: str, bits: int):
     cfg = small_config(arch)
     params = random_params(cfg, seed=3)
     table = rate_table(cfg, allocation_steps(cfg, 128, default_steps(cfg)))
+    method, zp = method.removesuffix("-zp"), method.endswith("-zp")
     if method == "rtn-direct":
-        return cfg, params, table, uq.quantize(cfg, params, None, method="rtn", bits=bits, group_size=128, table=table)
+        return cfg, params, table, uq.quantize(cfg, params, None, method="rtn", bits=bits, group_size=128, table=table,
+                                               zero_point=zp)
     calib = np.random.default_rng(7).integers(0, V, (8, 32)).astype(np.int32)
-    qparams = uq.quantize(cfg, params, calib, method=method, bits=bits, group_size=128, table=table, progress=False)
+    qparams = uq.quantize(cfg, params, calib, method=method, bits=bits, group_size=128, table=table, progress=False,
+                          zero_point=zp)
     return cfg, params, table, qparams
 
 
@@ -168,6 +174,7 @@ def test_every_linear_weight_is_packed(arch, method, bits):
             assert not qarray.is_qarray(leaf), path
         else:
             assert qarray.is_qarray(leaf) and leaf.bits == bits, (path, leaf)
+            assert (type(leaf) is qarray.ZeroPointQArray) == method.endswith("-zp"), (path, leaf)
             assert leaf.shape == tuple(leaf_at(params, path).shape)
 
 
@@ -181,8 +188,8 @@ def test_pruning_slices_packed_bytes_never_requantizes(arch, method, bits, monke
     sliced_quantized_axes = {}  # rate -> names of packed weights cut along their quantized axis
     for rate in RATES:
         with monkeypatch.context() as m:  # slicing packed weights must not quantize or pack anything
-            for module, name in [(qarray, "quantize_rtn"), (qarray, "from_codes"), (qarray, "pack_codes"),
-                                 (qarray, "codes_for_scales"), (gptq, "gptq_quantize"), (rtn, "rtn_quantize"),
+            for module, name in [(rtn, "quantize_rtn"), (qarray, "from_codes"), (qarray, "pack_codes"),
+                                 (rtn, "codes_for_scales"), (gptq, "gptq_quantize"), (rtn, "rtn_quantize"),
                                  (rtn, "rtn_quantize_embedding")]:
                 m.setattr(module, name, forbidden)
             cfg_p, pruned = uq.prune(cfg, qparams, rate, table)
@@ -204,6 +211,10 @@ def test_pruning_slices_packed_bytes_never_requantizes(arch, method, bits, monke
             np.testing.assert_array_equal(np.asarray(small.codes), np.asarray(full.codes)[box(codes_box)])
             np.testing.assert_array_equal(np.asarray(small.scales).view(np.uint16),
                                           np.asarray(full.scales).view(np.uint16)[box(scales_box)])
+            assert type(small) is type(full), path
+            if full.offset is not None:  # zero point: the offsets are sliced exactly like the scales
+                np.testing.assert_array_equal(np.asarray(small.offset).view(np.uint16),
+                                              np.asarray(full.offset).view(np.uint16)[box(scales_box)])
             if n < full.shape[ax]:
                 sliced.add(path[-1])
         sliced_quantized_axes[rate] = sliced
@@ -221,7 +232,7 @@ def dequantized(tree):
 FORWARD_RATES = (0.35,)
 # Each forward compile is costly (Mamba2 blocks most): llama (RoPE attention, gated MLP) by
 # default; Nemotron-H (Mamba2, attention without RoPE, ReLU² MLP) and the rest slow.
-FORWARD_CASES = cases(fast_ids=("llama-gptq4",))
+FORWARD_CASES = cases(fast_ids=("llama-gptq4", "llama-rtn-direct-zp4"))
 
 
 @pytest.mark.parametrize("arch,method,bits", FORWARD_CASES)
@@ -278,7 +289,8 @@ def test_gptq_perplexity_at_most_rtn_on_stories260k(stories260k):
     assert ppl["float"] < ppl["gptq"] <= ppl["rtn"], ppl
 
 
-@pytest.mark.parametrize("arch,method,bits", cases(keep=lambda arch, method, bits: method != "rtn-direct"))
+# the bench layout is the symmetric one: zero-point cases are not its layout
+@pytest.mark.parametrize("arch,method,bits", cases(keep=lambda arch, method, bits: method in ("gptq", "rtn")))
 def test_abstract_layout_is_what_quantize_produces(arch, method, bits):
     """The abstract W4 layout behind the Llama-3.1-8B memory figure (experiments/bench_quantization.py)
     is exactly the driver's: same packed weights, axes, group sizes, array shapes and bytes."""
@@ -292,11 +304,11 @@ def test_abstract_layout_is_what_quantize_produces(arch, method, bits):
         if qarray.is_qarray(b):
             assert (a.bits, a.group_size, a.axis, a.shape) == (b.bits, b.group_size, b.axis, b.shape), path
         assert [(x.shape, x.dtype) for x in jax.tree.leaves(a)] == [(x.shape, x.dtype) for x in jax.tree.leaves(b)]
-    assert qarray.deployed_bytes(layout) == qarray.deployed_bytes(qparams)
+    assert packed.deployed_bytes(layout) == packed.deployed_bytes(qparams)
     rate = RATES[-1]
     pruned_layout = jax.eval_shape(lambda t: uq.prune(cfg, t, rate, table)[1], layout)
-    assert qarray.deployed_bytes(pruned_layout) == qarray.deployed_bytes(uq.prune(cfg, qparams, rate, table)[1])
-    assert qarray.deployed_bytes(pruned_layout) < qarray.deployed_bytes(layout)
+    assert packed.deployed_bytes(pruned_layout) == packed.deployed_bytes(uq.prune(cfg, qparams, rate, table)[1])
+    assert packed.deployed_bytes(pruned_layout) < packed.deployed_bytes(layout)
 
 
 def test_rtn_runs_no_calibration_pass_and_rounds_to_nearest(monkeypatch):

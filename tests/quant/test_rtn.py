@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniql_jax.quant import qarray
-from uniql_jax.quant.qarray import lookup_rows
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.qarray import lookup_rows
 from uniql_jax.quant.rtn import rtn_quantize, rtn_quantize_embedding
 
 dequantize = jax.jit(qarray.dequantize)  # one compile per shape instead of one per op

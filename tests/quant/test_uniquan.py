@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniql_jax.quant import bcq, qarray
+from uniql_jax.quant import bcq_fit, rtn
+from uniql_jax.quant.formats import bcq, qarray
 from uniql_jax.quant import uniquan as un
 
 BITS, GROUP = 3, 16
@@ -16,7 +17,7 @@ BITS, GROUP = 3, 16
 @jax.jit
 def _rtn_dense(w):
     """Symmetric round-to-nearest baseline (qarray), dequantized."""
-    return qarray.dequantize(qarray.quantize_rtn(w, bits=BITS, group_size=GROUP))
+    return qarray.dequantize(rtn.quantize_rtn(w, bits=BITS, group_size=GROUP))
 
 
 def _weights(shape, seed=0, scale=0.1):
@@ -56,9 +57,9 @@ def test_folded_bcq_equals_fake_quant(trained):
     # deployed format: the same planes, scales rounded to float16 (error bounded by that rounding)
     folded = un.fold_to_bcq(w, qp, qb)
     np.testing.assert_array_equal(np.asarray(folded.planes), np.asarray(folded32.planes))
-    alpha_rows = bcq.group_rows(folded32.alpha, 0)  # [R, k]
+    alpha_rows = bcq_fit.group_rows(folded32.alpha, 0)  # [R, k]
     bound = (jnp.sum(jnp.abs(alpha_rows), -1) + jnp.abs(folded32.offset.reshape(-1))) * 2.0**-11 + 1e-7
-    err_rows = jnp.max(jnp.abs(bcq.to_rows(folded.dequantize() - w_fq, GROUP, 0)), -1)
+    err_rows = jnp.max(jnp.abs(bcq_fit.to_rows(folded.dequantize() - w_fq, GROUP, 0)), -1)
     assert bool(jnp.all(err_rows <= bound))
     # canonical planes: non-negative scales, most significant first (nested precision truncates)
     alpha = np.asarray(folded32.alpha)  # [G, k, Dout]
@@ -82,16 +83,16 @@ def test_gradients_straight_through_exact_alpha_and_filtering(trained):
     cot = jnp.asarray(np.random.default_rng(3).normal(size=w.shape), jnp.float32)  # dL/dw_hat
 
     # analytic gradients, UNIQUAN.md "Gradients", in row layout
-    w_rows, c_rows = bcq.to_rows(w, GROUP, 0), bcq.to_rows(cot, GROUP, 0)
+    w_rows, c_rows = bcq_fit.to_rows(w, GROUP, 0), bcq_fit.to_rows(cot, GROUP, 0)
     s = jnp.exp(qp.delta1)[:, None]
     delta = jnp.exp(qp.delta1[:, None] + qp.delta2 + qp.delta3[:, None])
     _, u = un.transform_rows(w_rows, qp, qb)
-    q = bcq.level_values(qb.patterns, qp.alpha)
+    q = bcq_fit.level_values(qb.patterns, qp.alpha)
     keep = jnp.abs(u - q) <= jnp.min(jnp.abs(qp.alpha), -1, keepdims=True)
     n_cut = int(jnp.sum(~keep))
     assert 0 < n_cut < keep.size // 2  # filtering is active but not everywhere
-    w_hat = bcq.to_rows(un.fake_quant(w, qp, qb), GROUP, 0)
-    signs = bcq.pattern_signs(qb.patterns, BITS)  # [R, g, k]
+    w_hat = bcq_fit.to_rows(un.fake_quant(w, qp, qb), GROUP, 0)
+    signs = bcq_fit.pattern_signs(qb.patterns, BITS)  # [R, g, k]
 
     for filtering in (True, False):
         mask = keep if filtering else jnp.ones_like(keep)
@@ -113,7 +114,7 @@ def test_gradients_straight_through_exact_alpha_and_filtering(trained):
 
 def _pattern_order_local(u, alpha, prev):
     """The official code's local search: neighbours by sign-pattern index, not by value."""
-    levels = alpha @ bcq.sign_table(alpha.shape[-1]).T  # [R, L]
+    levels = alpha @ bcq_fit.sign_table(alpha.shape[-1]).T  # [R, L]
     cand = jnp.clip(prev[..., None] + jnp.arange(-1, 2), 0, levels.shape[-1] - 1)  # [R, S, 3]
     vals = jnp.take_along_axis(levels[:, None, :], cand, axis=-1)
     best = jnp.argmin(jnp.abs(u[..., None] - vals), axis=-1)
@@ -138,7 +139,7 @@ def _trajectory(qb, speed, steps=40, seed=4):
 def _run_mapping(w, qb0, speed, local_fn=None):
     """Periodic (p = 2) local remapping along a trajectory; returns (mismatches vs full search at
     remap steps, codes changed, worst ratio (du + dlevels) / min level gap per remap interval)."""
-    w_rows = bcq.to_rows(w, GROUP, 0)
+    w_rows = bcq_fit.to_rows(w, GROUP, 0)
     qb, mismatches, changed, worst = None, 0, 0, 0.0
     prev_u = prev_levels = None
     for t, qp in _trajectory(qb0, speed):
@@ -157,7 +158,7 @@ def _run_mapping(w, qb0, speed, local_fn=None):
         full = un.full_assignment(w, qp, qb).patterns
         mismatches += int(jnp.sum(qb.patterns != full))
         _, u = un.transform_rows(w_rows, qp, qb)
-        levels, *_ = bcq.sorted_levels(qp.alpha)
+        levels, *_ = bcq_fit.sorted_levels(qp.alpha)
         if prev_u is not None:
             du = jnp.max(jnp.abs(u - prev_u), -1)
             dl = jnp.max(jnp.abs(levels - prev_levels), -1)
@@ -186,9 +187,9 @@ def test_unified_init_never_worse_than_minmax_uniform():
     assert float(jnp.max(jnp.abs(qp.delta2))) == 0.0 and float(jnp.max(jnp.abs(qp.delta3))) == 0.0
     # the init assignment is already the nearest-level one
     assert float(jnp.mean(un.full_assignment(w, qp, qb).patterns != qb.patterns)) < 1e-3
-    err_init = jnp.sum(bcq.to_rows(un.fold_to_bcq(w, qp, qb, scale_dtype=jnp.float32).dequantize() - w, GROUP, 0) ** 2, -1)
+    err_init = jnp.sum(bcq_fit.to_rows(un.fold_to_bcq(w, qp, qb, scale_dtype=jnp.float32).dequantize() - w, GROUP, 0) ** 2, -1)
     # asymmetric min-max UQ (ratio 1) with the same centring
-    rows = bcq.to_rows(w, GROUP, 0)
+    rows = bcq_fit.to_rows(w, GROUP, 0)
     lo, hi = rows.min(-1, keepdims=True), rows.max(-1, keepdims=True)
     step = (hi - lo) / (2**BITS - 1)
     uq = jnp.clip(jnp.round((rows - lo) / step), 0, 2**BITS - 1) * step + lo

@@ -17,8 +17,9 @@ import pytest
 import uniql_jax as uq
 from uniql_jax.compress import calibration
 from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
-from uniql_jax.quant import bcq, qarray, uniquan_driver as ud
-from uniql_jax.quant.packed import dense as weight
+from uniql_jax.quant import uniquan_driver as ud
+from uniql_jax.quant.formats import bcq, packed
+from uniql_jax.quant.formats.packed import dense as weight
 from uniql_jax.quant.plan import kept_sizes, linear_contractions
 
 V, D, BITS = 64, 32, 3
@@ -100,7 +101,7 @@ def test_every_linear_is_sliceable_bcq_and_the_model_runs(pipeline):
 
 def dense_block(block):
     """A block's params with packed weights (uniform or BCQ) dequantized to float32."""
-    return {k: weight(v, jnp.float32) if qarray.is_qarray(v) or bcq.is_bcq(v) else v for k, v in block.items()}
+    return {k: weight(v, jnp.float32) if packed.is_packed(v) else v for k, v in block.items()}
 
 
 def _box(a, shape):
@@ -235,4 +236,41 @@ def test_uniquan_layout_is_the_uniform_layout_read_as_bit_planes(pipeline):
     cfg, params, calib, table, q = pipeline
     rtn = uq.quantize(cfg, params, calib, method="rtn", bits=BITS, group_size=128, table=table, progress=False)
     assert array_layout(q) == array_layout(to_bcq_planes(rtn))
-    assert qarray.deployed_bytes(q) == qarray.deployed_bytes(to_bcq_planes(rtn))
+    assert packed.deployed_bytes(q) == packed.deployed_bytes(to_bcq_planes(rtn))
+
+
+def test_quantize_forwards_method_options_and_rejects_unknown_ones(monkeypatch):
+    """`uq.quantize(..., options=...)` reaches the UniQuan driver's settings (dict or dataclass);
+    an unknown key raises before any work, naming the keys the method takes."""
+    import dataclasses
+    import functools
+
+    from uniql_jax.quant import quantize as qz
+
+    assert {"steps", "lr", "alpha_lr_ratio", "windows_per_step", "mix_prob", "period", "head_steps",
+            "seed"} <= set(qz.method_options("uniquan"))
+    assert qz.method_options("uniquan")["steps"] == 200 and qz.method_options("gptq") == {}
+    seen = {}
+
+    @functools.wraps(ud.quantize)  # the driver's signature: what `options` is checked against
+    def driver(*args, **kwargs):
+        seen.update(kwargs)
+        return "done"
+
+    monkeypatch.setattr(ud, "quantize", driver)
+    assert uq.quantize(None, {}, None, method="uniquan", options={"steps": 7, "lr": 1e-3}) == "done"
+    assert seen["steps"] == 7 and seen["lr"] == 1e-3 and seen["bits"] == 4
+
+    @dataclasses.dataclass
+    class Settings:
+        steps: int = 3
+        mix_prob: float = 0.25
+
+    uq.quantize(None, {}, None, method="uniquan", options=Settings())
+    assert seen["steps"] == 3 and seen["mix_prob"] == 0.25
+    with pytest.raises(ValueError, match=r"unknown uniquan option\(s\) \['stepz'\].*'steps'"):
+        uq.quantize(None, {}, None, method="uniquan", options={"stepz": 7})
+    with pytest.raises(ValueError, match="unknown gptq option"):
+        uq.quantize(None, {}, None, method="gptq", options={"steps": 7})
+    with pytest.raises(TypeError, match="options must be a dict"):
+        uq.quantize(None, {}, None, method="uniquan", options=[("steps", 7)])

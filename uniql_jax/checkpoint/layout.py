@@ -6,7 +6,7 @@ puts the kept channels first, so the model a rate keeps is, array by array, a
 
 Raw arrays: every dense leaf, and every array field of a packed quantized leaf
 (``QArray.codes``, ``QArray.scales``, ``BCQArray.planes``, ...; any type that
-``prune.PACKED_SLICERS`` knows) under the key ``"blocks/3/up/codes"``. The static
+``formats.packed.PACKED_TYPES`` lists) under the key ``"blocks/3/up/codes"``. The static
 fields of packed leaves (bits, group size, axis, logical shape) are JSON in the
 layout, so ``load`` rebuilds the containers and the abstract full-rank tree without
 reading any array; the target of a rate is ``slice_to_config`` of that tree, traced
@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniql_jax.checkpoint.manifest import CheckpointError
-from uniql_jax.compress.prune import PACKED_SLICERS, slice_to_config
+from uniql_jax.compress.prune import slice_to_config
 from uniql_jax.config import ModelConfig
-from uniql_jax.quant.packed import is_packed
+from uniql_jax.quant.formats import bcq, packed, qarray
+from uniql_jax.quant.formats.packed import is_packed
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # Orbax warns below 1 MiB; prunable axes are chunked finer anyway
 
@@ -48,7 +49,10 @@ def class_name(cls) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-PACKED_TYPES = {class_name(cls): cls for cls in PACKED_SLICERS}
+PACKED_TYPES = {class_name(cls): cls for cls in packed.PACKED_TYPES}
+# Where the types lived before the formats package (checkpoints written then still load).
+PACKED_TYPES.update({"uniql_jax.quant.qarray:QArray": qarray.QArray,
+                     "uniql_jax.quant.bcq:BCQArray": bcq.BCQArray})
 
 
 def _field_split(cls) -> tuple[list[str], list[str]]:

@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from uniql_jax.quant.packed import is_packed
+from uniql_jax.quant.formats.packed import is_packed
 
 FORMAT = "uniql-jax-checkpoint"
 FORMAT_VERSION = 1

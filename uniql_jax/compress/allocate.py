@@ -28,7 +28,7 @@ import numpy as np
 from uniql_jax.compress import calibration
 from uniql_jax.compress.prune import abstract_params, prune
 from uniql_jax.config import ModelConfig, full_rank_blocks
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import packed
 
 log = logging.getLogger(__name__)
 
@@ -169,5 +169,5 @@ def evaluate_rates(cfg: ModelConfig, params: dict, table: dict, tokens, *, seq_l
     for r in sorted(table, key=float):
         cfg_p, params_p = prune(cfg, params, r, table)
         ppl = perplexity(cfg_p, params_p, tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
-        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": qarray.deployed_bytes(params_p)})
+        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": packed.deployed_bytes(params_p)})
     return rows

@@ -16,10 +16,9 @@ import jax
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.stacks import init_params
-from uniql_jax.quant import bcq, qarray
-from uniql_jax.quant.packed import is_packed
+from uniql_jax.quant.formats import packed
+from uniql_jax.quant.formats.packed import is_packed
 
-PACKED_SLICERS = {qarray.QArray: qarray.slice_leading, bcq.BCQArray: bcq.slice_leading}
 RATE_TOLERANCE = 1e-6  # two pruning rates closer than this are the same stored rate (float noise, JSON)
 
 
@@ -32,7 +31,7 @@ def slice_box(leaf, shape: tuple[int, ...]):
     if is_packed(leaf):
         for axis, n in enumerate(shape):
             try:
-                leaf = PACKED_SLICERS[type(leaf)](leaf, axis, n)
+                leaf = packed.slice_leading(leaf, axis, n)
             except ValueError as e:
                 if axis != leaf.axis:
                     raise

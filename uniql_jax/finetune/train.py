@@ -43,7 +43,7 @@ from uniql_jax.finetune.data import FinetuneData
 from uniql_jax.finetune.lora import (LoraConfig, TrainConfig, cast_floats, init_lora, learning_rate,
                                      make_optimizer, merged_params, rate_probs, train_step)
 from uniql_jax.paths import user_path
-from uniql_jax.quant.packed import is_packed
+from uniql_jax.quant.formats.packed import is_packed
 
 log = logging.getLogger(__name__)
 

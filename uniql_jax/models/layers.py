@@ -1,6 +1,6 @@
 """Small shared pieces: weight products that accept packed weights, RMSNorm, RoPE tables.
 
-Packed weights are read through the formats' interface (`uniql_jax.quant.packed`); the RoPE
+Packed weights are read through the formats' interface (`uniql_jax.quant.formats.packed`); the RoPE
 rotation is the kernels' pure reference (`pallas_kernels.rope.reference`), so the XLA path and
 the kernel's reference are one function. Both are re-exported here (`weight`, `rope_angles`,
 `apply_rope`).
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.rope.reference import apply_rope, rope_angles  # noqa: F401  (the model's RoPE; re-exported)
-from uniql_jax.quant.packed import dense as weight  # noqa: F401  (re-exported: a dense view of any weight)
-from uniql_jax.quant.packed import dense_einsum, is_packed
+from uniql_jax.quant.formats.packed import dense as weight  # noqa: F401  (re-exported: a dense view of any weight)
+from uniql_jax.quant.formats.packed import dense_einsum, is_packed
 
 IMPLS = ("xla", "pallas")
 

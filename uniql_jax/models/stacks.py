@@ -22,7 +22,7 @@ from uniql_jax.models.attention import Attention
 from uniql_jax.models.mamba2 import Mamba2
 from uniql_jax.models.layers import dense_init, rms_norm, wdot, weight
 from uniql_jax.models.mlp import MLP
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats import qarray
 
 BLOCK_MODULES = {"attention": Attention, "mlp": MLP, "mamba2": Mamba2}
 

@@ -28,7 +28,7 @@ group is computed when its first row is reached, from the rows as updated by eve
 error propagated so far (as the reference code does; blocks are aligned to groups
 here, so unlike the reference with group < block, the intra-block updates of the
 block's earlier rows are included too); codes come from the shared
-RTN rounding (``qarray.codes_for_scales``), so with H = c·I (no correlation to
+RTN rounding (``rtn.codes_for_scales``), so with H = c·I (no correlation to
 exploit) GPTQ returns exactly the RTN result.
 """
 
@@ -40,8 +40,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from uniql_jax.quant import qarray
-from uniql_jax.quant.qarray import QArray
+from uniql_jax.quant import rtn
+from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.qarray import QArray
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MAX_DAMP_RETRIES = 6  # damping x10 per retry when Cholesky fails (non-PD H in float32)
@@ -155,6 +156,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    zero_point: bool = False,
 ) -> QArray:
     """GPTQ (Frantar et al. 2022, Alg. 1) of ``W [Din, Dout]`` (``y = x W``) -> ``QArray(axis=0)``.
 
@@ -173,6 +175,9 @@ def gptq_quantize(
       from the (dead-zeroed) weights before any update (AutoGPTQ's ``static_groups``);
       act-order then only changes the order of error propagation. Without act-order,
       scales are taken from the error-updated rows when a group starts.
+    * ``zero_point=True``: every group's grid is the asymmetric min/max one
+      (``rtn.group_minmax_grid``, ``scale * code + offset``) taken at the same moments, and the
+      row loop rounds to it and propagates the error of *its* values -> ``ZeroPointQArray``.
 
     Pure; float32 throughout (HIGHEST matmul precision). Two jitted pieces, so the
     Hessian factorisation compiles once per (Din, act_order) and the row loop once per
@@ -182,13 +187,15 @@ def gptq_quantize(
     d_in, d_out = w_DinxDout.shape
     if hessian_DinxDin.shape != (d_in, d_in):
         raise ValueError(f"Hessian shape {hessian_DinxDin.shape} does not match W {w_DinxDout.shape}")
-    qarray._check(bits, group_size, d_in)
+    qarray.check_layout(bits, group_size, d_in)
     upper_DinxDin, perm_Din, dead_Din = _factor_hessian(hessian_DinxDin, damp, act_order=act_order)
-    codes_DinxDout, scales_GxDout = _quantize_rows(
+    codes_DinxDout, scales_GxDout, offset_GxDout = _quantize_rows(
         w_DinxDout, upper_DinxDin, perm_Din, dead_Din,
         bits=bits, group_size=group_size, block=effective_block_size(d_in, group_size, block_size), act_order=act_order,
+        zero_point=zero_point,
     )
-    return qarray.from_codes(codes_DinxDout, scales_GxDout, bits=bits, group_size=group_size, axis=0)
+    return qarray.from_codes(codes_DinxDout, scales_GxDout, bits=bits, group_size=group_size, axis=0,
+                             offset=offset_GxDout if zero_point else None)
 
 
 @functools.partial(jax.jit, static_argnames=("act_order",))
@@ -209,47 +216,59 @@ def _factor_hessian(hessian_DinxDin: jax.Array, damp: jax.Array, *, act_order: b
     return _damped_inverse_cholesky(hessian, damp), perm_Din, dead_Din
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block", "act_order"))
-def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group_size, block, act_order):
-    """GPTQ Alg. 1 row loop: ``(codes [Din, Dout] int32 original order, scales [Din/g, Dout] f16)``."""
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block", "act_order", "zero_point"))
+def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group_size, block, act_order, zero_point):
+    """GPTQ Alg. 1 row loop: ``(codes [Din, Dout] int32 original order, scales [Din/g, Dout] f16,
+    offsets [Din/g, Dout] f16)``; the offsets are the asymmetric grid's (``zero_point``), else unused zeros."""
     d_in, d_out = w_DinxDout.shape
     n_blocks, groups_per_block = d_in // block, block // group_size
-    zero_code = 1 << (bits - 1)
+
+    def grid(rows):
+        """(scales, offsets) of groups of rows: the quantizer's grid, offsets 0 when symmetric."""
+        scales, offset = rtn.group_grid(rows, bits, group_size, 0, zero_point)
+        return scales, jnp.zeros_like(scales) if offset is None else offset
 
     weights = jnp.where(dead_Din[:, None], 0.0, w_DinxDout.astype(jnp.float32))  # [Din, Dout]
-    if act_order:  # static groups: original-order groups, scales before any update
-        init_scales_GxDout = qarray.group_absmax_scale(weights, bits, group_size, 0)
-        row_scales_DinxDout = init_scales_GxDout[perm_Din // group_size]  # scale of each visited row
+    if act_order:  # static groups: original-order groups, grids before any update
+        init_scales_GxDout, init_offset_GxDout = grid(weights)
+        row_grid = (init_scales_GxDout[perm_Din // group_size], init_offset_GxDout[perm_Din // group_size])
         weights = weights[perm_Din]
     else:  # overwritten group by group as the loop reaches them
         init_scales_GxDout = jnp.ones((d_in // group_size, d_out), qarray.SCALE_DTYPE)
+        init_offset_GxDout = jnp.zeros((d_in // group_size, d_out), qarray.SCALE_DTYPE)
 
-    def quantize_row(w_row, scale_row):
-        """Nearest code of one row under its float16 scales (the shared RTN rounding)."""
-        code_row = qarray.codes_for_scales(w_row[None], scale_row[None], bits, 1, 0)[0]
-        return code_row, (code_row - zero_code).astype(jnp.float32) * scale_row.astype(jnp.float32)
+    def quantize_row(w_row, scale_row, offset_row):
+        """Nearest code of one row on its float16 grid (the shared RTN rounding) and its value."""
+        offset_row = offset_row if zero_point else None
+        code_row = rtn.codes_for_scales(w_row[None], scale_row[None], bits, 1, 0,
+                                        None if offset_row is None else offset_row[None])[0]
+        value = qarray.grid_values(code_row, scale_row.astype(jnp.float32),
+                                   None if offset_row is None else offset_row.astype(jnp.float32), bits)
+        return code_row, value
 
     def block_step(b, state):
-        weights, codes_DinxDout, scales_GxDout = state
+        weights, codes_DinxDout, scales_GxDout, offset_GxDout = state
         i1 = b * block
         w_blk_BxDout = jax.lax.dynamic_slice_in_dim(weights, i1, block, 0)
         u_blk_BxB = jax.lax.dynamic_slice(upper_DinxDin, (i1, i1), (block, block))
 
         def group_step(g, group_state):
-            w_blk, codes_blk, err_blk, scales = group_state
+            w_blk, codes_blk, err_blk, scales, offsets = group_state
             start = g * group_size
             if act_order:
-                scale_of_row = lambda i: jax.lax.dynamic_index_in_dim(row_scales_DinxDout, i1 + i, 0, keepdims=False)
-            else:  # scale from the error-updated rows of the group, at its first row
+                grid_of_row = lambda i: tuple(jax.lax.dynamic_index_in_dim(a, i1 + i, 0, keepdims=False)
+                                              for a in row_grid)
+            else:  # grid from the error-updated rows of the group, at its first row
                 group_rows = jax.lax.dynamic_slice_in_dim(w_blk, start, group_size, 0)
-                group_scale_Dout = qarray.group_absmax_scale(group_rows, bits, group_size, 0)[0]
-                scales = jax.lax.dynamic_update_index_in_dim(scales, group_scale_Dout, (i1 + start) // group_size, 0)
-                scale_of_row = lambda i: group_scale_Dout
+                group_scale, group_offset = (a[0] for a in grid(group_rows))
+                scales = jax.lax.dynamic_update_index_in_dim(scales, group_scale, (i1 + start) // group_size, 0)
+                offsets = jax.lax.dynamic_update_index_in_dim(offsets, group_offset, (i1 + start) // group_size, 0)
+                grid_of_row = lambda i: (group_scale, group_offset)
 
             def row_step(i, row_state):
                 w_blk, codes_blk, err_blk = row_state
                 w_row = w_blk[i]
-                code_row, q_row = quantize_row(w_row, scale_of_row(i))
+                code_row, q_row = quantize_row(w_row, *grid_of_row(i))
                 err_row = (w_row - q_row) / u_blk_BxB[i, i]  # e_i = (w_i - q_i) / U_ii
                 # W[j] -= U_ij e_i inside the block; U is upper-triangular, so rows < i are untouched.
                 w_blk = w_blk - u_blk_BxB[i][:, None] * err_row[None, :]
@@ -258,12 +277,12 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
                 return w_blk, codes_blk, err_blk
 
             w_blk, codes_blk, err_blk = jax.lax.fori_loop(start, start + group_size, row_step, (w_blk, codes_blk, err_blk))
-            return w_blk, codes_blk, err_blk, scales
+            return w_blk, codes_blk, err_blk, scales, offsets
 
         zeros_blk = jnp.zeros((block, d_out), jnp.float32)
-        _, codes_blk, err_blk_BxDout, scales_GxDout = jax.lax.fori_loop(
+        _, codes_blk, err_blk_BxDout, scales_GxDout, offset_GxDout = jax.lax.fori_loop(
             0, groups_per_block, group_step,
-            (w_blk_BxDout, zeros_blk.astype(jnp.int32), zeros_blk, scales_GxDout),
+            (w_blk_BxDout, zeros_blk.astype(jnp.int32), zeros_blk, scales_GxDout, offset_GxDout),
         )
         # Lazy batch update of every later row: W[i2:] -= U[i1:i2, i2:]ᵀ E (U is 0 left of the block).
         u_rows_BxDin = jax.lax.dynamic_slice_in_dim(upper_DinxDin, i1, block, 0)
@@ -271,10 +290,10 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
         later_rows_Din = jnp.arange(d_in) >= i1 + block
         weights = weights - jnp.where(later_rows_Din[:, None], update_DinxDout, 0.0)
         codes_DinxDout = jax.lax.dynamic_update_slice_in_dim(codes_DinxDout, codes_blk, i1, 0)
-        return weights, codes_DinxDout, scales_GxDout
+        return weights, codes_DinxDout, scales_GxDout, offset_GxDout
 
-    init = (weights, jnp.zeros((d_in, d_out), jnp.int32), init_scales_GxDout)
-    _, codes_visit_DinxDout, scales_GxDout = jax.lax.fori_loop(0, n_blocks, block_step, init)
+    init = (weights, jnp.zeros((d_in, d_out), jnp.int32), init_scales_GxDout, init_offset_GxDout)
+    _, codes_visit_DinxDout, scales_GxDout, offset_GxDout = jax.lax.fori_loop(0, n_blocks, block_step, init)
     if act_order:  # visiting order -> original input order
-        return jnp.zeros_like(codes_visit_DinxDout).at[perm_Din].set(codes_visit_DinxDout), scales_GxDout
-    return codes_visit_DinxDout, scales_GxDout
+        codes_visit_DinxDout = jnp.zeros_like(codes_visit_DinxDout).at[perm_Din].set(codes_visit_DinxDout)
+    return codes_visit_DinxDout, scales_GxDout, offset_GxDout

@@ -22,6 +22,8 @@ kept slice is a whole number of groups (``group_size_for``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -32,7 +34,8 @@ import numpy as np
 from uniql_jax.compress import calibration
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.layers import rms_norm
-from uniql_jax.quant import gptq, qarray, rtn, uniquan_driver
+from uniql_jax.quant import gptq, rtn, uniquan_driver
+from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.plan import (  # noqa: F401  (the shared calibration plan, re-exported from here)
     QUANTIZED_INPUT_DIMS, allocation_steps, contraction_count, group_size_for, kept_sizes, linear_contractions,
     linear_inputs)
@@ -49,26 +52,59 @@ def to_qarray_nd(q2: qarray.QArray, shape: tuple[int, ...], n_contract: int) -> 
     group size divides it), so the packed bytes and scales reshape in place."""
     axis = n_contract - 1
     codes_shape = shape[:axis] + (shape[axis] * q2.bits // 8,) + shape[n_contract:]
-    scales_shape = shape[:axis] + (shape[axis] // q2.group_size,) + shape[n_contract:]
-    return qarray.QArray(q2.codes.reshape(codes_shape), q2.scales.reshape(scales_shape), q2.bits, q2.group_size,
-                         axis, tuple(shape))
+    groups_shape = shape[:axis] + (shape[axis] // q2.group_size,) + shape[n_contract:]
+    return qarray.rebuild(q2, q2.codes.reshape(codes_shape), lambda g: g.reshape(groups_shape), axis=axis, shape=shape)
 
 
-def quantize_weight(w, hessian, *, method, bits, group_size, n_contract, damp, act_order):
+def quantize_weight(w, hessian, *, method, bits, group_size, n_contract, damp, act_order, zero_point=False):
     shape = tuple(w.shape)
     w2 = jnp.asarray(w, F32).reshape(math.prod(shape[:n_contract]), -1)
     if method == "gptq":
         q2 = gptq.gptq_quantize(w2, jnp.asarray(hessian, F32), bits=bits, group_size=group_size, damp=damp,
-                                act_order=act_order)
+                                act_order=act_order, zero_point=zero_point)
     else:
-        q2 = rtn.rtn_quantize(w2, bits=bits, group_size=group_size)
+        q2 = rtn.rtn_quantize(w2, bits=bits, group_size=group_size, zero_point=zero_point)
     return to_qarray_nd(q2, shape, n_contract)
+
+
+# keywords of `uniquan_driver.quantize` that `quantize` sets itself (the rest are its method options)
+_UNIQUAN_SHARED = {"cfg", "params", "calib", "bits", "group_size", "table", "quantize_embeddings", "embedding_bits",
+                   "batch_size", "mesh", "progress"}
+
+
+def method_options(method: str) -> dict:
+    """{name: default} of the settings `options` may pass to `method`'s driver.
+
+    UniQuan: the reconstruction settings of ``uniquan_driver.quantize`` (steps, lr,
+    alpha_lr_ratio, windows_per_step, mix_prob, period, head_steps, seed), read from its
+    signature; GPTQ and RTN take theirs as named keywords of `quantize` (none via `options`).
+    """
+    if method != "uniquan":
+        return {}
+    params = inspect.signature(uniquan_driver.quantize).parameters
+    return {k: p.default for k, p in params.items() if k not in _UNIQUAN_SHARED}
+
+
+def _check_options(method: str, options) -> dict:
+    if options is None:
+        return {}
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        options = dataclasses.asdict(options)
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or a dataclass instance, got {type(options).__name__}")
+    allowed = method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {unknown}; {method} takes "
+                         f"{sorted(allowed) if allowed else 'no options (use the named keywords of quantize)'}")
+    return dict(options)
 
 
 def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
              table: dict | None = None, quantize_embeddings: bool = True, embedding_bits: int | None = None,
              tied_head_gptq: bool = False, damp: float = 0.01, act_order: bool = False,
-             batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
+             batch_size: int = 8, mesh=None, progress: bool = True, options: dict | None = None,
+             zero_point: bool = False) -> dict:
     """Params with every linear weight packed (API.md ``uq.quantize``); norms, biases, convs, A, D stay float.
 
     `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
@@ -78,19 +114,32 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     head) at another width, e.g. 8. `tied_head_gptq` (GPTQ only): a tied table is also
     the output head, a linear over the final hidden states; quantize it with GPTQ on
     those inputs (groups along D, the same packed layout) instead of per-row RTN.
+    `options` (a dict or a dataclass instance): settings forwarded to the method's driver,
+    e.g. ``options={"steps": 2560, "lr": 5e-3}`` for UniQuan (``method_options(method)``
+    lists them with their defaults); an unknown key raises. Unset keys keep the driver's
+    defaults.
+    `zero_point` (gptq, rtn): asymmetric groups, ``w = scale * code + offset`` on the min/max
+    grid (``ZeroPointQArray``; 16 more bits per group) for every packed weight and the
+    embedding table, instead of the symmetric absmax grid. Weights already on such a grid
+    (GGUF Q4_1: 4 bits, groups of 32) are reproduced exactly by ``method="rtn"``.
     """
+    if method not in METHODS + ("uniquan",):
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
+    if zero_point and method == "uniquan":
+        raise ValueError("zero_point applies to the uniform methods (gptq, rtn); UniQuan's BCQ weights carry "
+                         "their own per-group offset")
+    options = _check_options(method, options)
     if embedding_bits is None:
         embedding_bits = bits
     if method == "uniquan":
         return uniquan_driver.quantize(cfg, params, calib, bits=bits, group_size=group_size, table=table,
                                        quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits,
-                                       batch_size=batch_size, mesh=mesh, progress=progress)
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
+                                       batch_size=batch_size, mesh=mesh, progress=progress, **options)
     t0 = time.perf_counter()
     if method == "rtn":  # no Hessian: no calibration pass (`calib` is not read)
         out, skipped = rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
-                                          quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits)
+                                          quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits,
+                                          zero_point=zero_point)
         _log_done(method, bits, cfg, skipped, t0)
         return out
     blocks = list(params["blocks"])
@@ -109,7 +158,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
                 continue
             hessian = 2.0 * np.asarray(stats[name]) / stats["tokens"]
             new[name] = quantize_weight(w, hessian, method=method, bits=bits, group_size=gs, n_contract=n,
-                                        damp=damp, act_order=act_order)
+                                        damp=damp, act_order=act_order, zero_point=zero_point)
         blocks[i] = new
         return new
 
@@ -125,14 +174,16 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
         head_hessian = 2.0 * (h.T @ h) / len(h)  # the head's inputs: the final normalized hidden states
         if cfg.tie_word_embeddings and tied_head_gptq and method == "gptq":
             head = quantize_weight(jnp.asarray(params["embed"], F32).T, head_hessian, method=method,
-                                   bits=embedding_bits, group_size=gs, n_contract=1, damp=damp, act_order=act_order)
+                                   bits=embedding_bits, group_size=gs, n_contract=1, damp=damp, act_order=act_order,
+                                   zero_point=zero_point)
             out["embed"] = transposed_table(head)
         else:
             out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=embedding_bits,
-                                                      group_size=gs)
+                                                      group_size=gs, zero_point=zero_point)
         if not cfg.tie_word_embeddings:
             out["lm_head"] = quantize_weight(params["lm_head"], head_hessian, method=method, bits=embedding_bits,
-                                             group_size=gs, n_contract=1, damp=damp, act_order=act_order)
+                                             group_size=gs, n_contract=1, damp=damp, act_order=act_order,
+                                             zero_point=zero_point)
     _log_done(method, bits, cfg, skipped, t0)
     return out
 
@@ -145,15 +196,17 @@ def _log_done(method, bits, cfg, skipped, t0):
 
 def transposed_table(head_DxV: qarray.QArray) -> qarray.QArray:
     """A head ``[D, V]`` quantized along D (axis 0) as the row table ``[V, D]`` along D (axis 1) that
-    embedding lookups read: the same codes and scales, transposed (packing runs along D either way)."""
+    embedding lookups read: the same codes and scales (and offsets), transposed (packing runs along D
+    either way)."""
     if head_DxV.ndim != 2 or head_DxV.axis != 0:
         raise ValueError(f"expected a [D, V] head quantized along axis 0, got {head_DxV!r}")
     D, V = head_DxV.shape
-    return qarray.QArray(head_DxV.codes.T, head_DxV.scales.T, head_DxV.bits, head_DxV.group_size, 1, (V, D))
+    return qarray.rebuild(head_DxV, head_DxV.codes.T, lambda g: g.T, axis=1, shape=(V, D))
 
 
 def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
-                       quantize_embeddings: bool = True, embedding_bits: int | None = None) -> tuple[dict, list[str]]:
+                       quantize_embeddings: bool = True, embedding_bits: int | None = None,
+                       zero_point: bool = False) -> tuple[dict, list[str]]:
     """(params, weights left in 16 bits): round-to-nearest needs no activations, so no calibration pass.
 
     Every weight with a recorded product is packed along its last contraction axis, in
@@ -171,15 +224,16 @@ def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bi
                 skipped.append(f"block {i} {name}")
                 continue
             new[name] = quantize_weight(bp[name], None, method="rtn", bits=bits, group_size=gs, n_contract=n,
-                                        damp=0.0, act_order=False)
+                                        damp=0.0, act_order=False, zero_point=zero_point)
         blocks.append(new)
     out = {**params, "blocks": blocks}
     if quantize_embeddings:
         gs = group_size_for([cfg.hidden_size], group_size)
         embedding_bits = bits if embedding_bits is None else embedding_bits
         out["embed"] = rtn.rtn_quantize_embedding(jnp.asarray(params["embed"], F32), bits=embedding_bits,
-                                                  group_size=gs)
+                                                  group_size=gs, zero_point=zero_point)
         if not cfg.tie_word_embeddings:
             out["lm_head"] = quantize_weight(params["lm_head"], None, method="rtn", bits=embedding_bits,
-                                             group_size=gs, n_contract=1, damp=0.0, act_order=False)
+                                             group_size=gs, n_contract=1, damp=0.0, act_order=False,
+                                             zero_point=zero_point)
     return out, skipped

@@ -5,7 +5,7 @@ with groups of ``group_size`` along ``Din`` (``axis=0``) or any weight grouped a
 quantized ``axis``, and a generic block-reconstruction driver. Everything is a pure
 function of arrays; the model walk lives elsewhere.
 
-Row layout (``bcq.to_rows``): ``R = (Din / g) * Dout`` rows of ``g`` weights, one row
+Row layout (``bcq_fit.to_rows``): ``R = (Din / g) * Dout`` rows of ``g`` weights, one row
 per (group, output column) (in general: per group and position of the other axes).
 Per row, with ``c = (2^k - 1) / 2``:
 
@@ -14,7 +14,7 @@ Per row, with ``c = (2^k - 1) / 2``:
   ``alpha [R, k]`` (BCQ scales in the normalized domain);
 * fixed ``UniQuanBuffers``: ``zero [R]`` (UQ zero point ``z``), ``shift [R]`` (BCQ
   offset ``z_b`` of the normalized fit) and ``patterns int32 [R, g]`` (the current
-  assignment: each weight's sign pattern, ``bcq.sign_table``).
+  assignment: each weight's sign pattern, ``bcq_fit.sign_table``).
 
 Forward (``fake_quant``), with ``Delta = exp(delta1 + delta2 + delta3)``:
 
@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from uniql_jax.quant import bcq
+from uniql_jax.quant import bcq_fit
+from uniql_jax.quant.formats import bcq
 
 DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.00 .. 0.55
 MIN_STEP = 1e-8  # floor of the UQ step for constant groups
@@ -92,7 +93,7 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rou
     axis = axis % W.ndim
     bcq.check_layout(bits, group_size, W.shape[axis])
     c = _half_range(bits)
-    w = bcq.to_rows(W.astype(jnp.float32), group_size, axis)  # [R, g]
+    w = bcq_fit.to_rows(W.astype(jnp.float32), group_size, axis)  # [R, g]
     w_max, w_min = jnp.max(w, axis=-1), jnp.min(w, axis=-1)
     center = 0.5 * (w_max + w_min)
     R = w.shape[0]
@@ -104,9 +105,9 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rou
         z = c - center / s
         x = (w - center[:, None]) / s[:, None]  # = w/s + z - c, [R, g]
         # both starts in one fit over stacked rows [2R, g]: first the greedy start, then the UQ levels
-        greedy_alpha, greedy_offset, _ = bcq.greedy_fit_rows(x, bits)
+        greedy_alpha, greedy_offset, _ = bcq_fit.greedy_fit_rows(x, bits)
         start = (jnp.concatenate([greedy_alpha, uq_start[0]]), jnp.concatenate([greedy_offset, uq_start[1]]))
-        alpha, shift, patterns, errors = bcq.alternating_fit_rows(jnp.concatenate([x, x]), bits=bits, rounds=rounds,
+        alpha, shift, patterns, errors = bcq_fit.alternating_fit_rows(jnp.concatenate([x, x]), bits=bits, rounds=rounds,
                                                                   init=start)
         err = jnp.min(errors, axis=0) * jnp.concatenate([s, s]) ** 2  # weight-domain error of the best iterate
         for half in (slice(0, R), slice(R, 2 * R)):
@@ -140,11 +141,11 @@ def local_patterns(u_RxS: jax.Array, alpha_RxK: jax.Array, prev_patterns_RxS: ja
     """Local mapping (UNIQUAN.md "UniQuanF", step 2): search only the previous level and its
     two neighbours *in value order*.
 
-    Uses the same decision boundaries as ``bcq.nearest_patterns``, so whenever the nearest
+    Uses the same decision boundaries as ``bcq_fit.nearest_patterns``, so whenever the nearest
     level's rank moved by at most one since ``prev_patterns`` (u and the levels moved
     little), the result equals the full search exactly.
     """
-    _, pattern_at_rank, rank_of_pattern, mids = bcq.sorted_levels(alpha_RxK)
+    _, pattern_at_rank, rank_of_pattern, mids = bcq_fit.sorted_levels(alpha_RxK)
     R = mids.shape[0]
     inf = jnp.full((R, 1), jnp.inf, mids.dtype)
     bounds = jnp.concatenate([-inf, mids, inf], axis=-1)  # [R, L+1]; rank r spans (bounds[r], bounds[r+1]]
@@ -161,7 +162,7 @@ def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: 
     assignment under the current parameters, otherwise the assignment is reused."""
 
     def local(_):
-        _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
+        _, u = transform_rows(bcq_fit.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
         return local_patterns(jax.lax.stop_gradient(u), jax.lax.stop_gradient(qp.alpha), qb.patterns)
 
     patterns = jax.lax.cond(step % period == 0, local, lambda _: qb.patterns, None)
@@ -171,8 +172,8 @@ def remap(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, step, *, period: 
 @jax.jit
 def full_assignment(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers) -> UniQuanBuffers:
     """The assignment recomputed by full search over all 2^k levels (the final mapping)."""
-    _, u = transform_rows(bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
-    return dataclasses.replace(qb, patterns=bcq.nearest_patterns(u, qp.alpha))
+    _, u = transform_rows(bcq_fit.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis), qp, qb)
+    return dataclasses.replace(qb, patterns=bcq_fit.nearest_patterns(u, qp.alpha))
 
 
 @functools.partial(jax.jit, static_argnames=("gradient_filtering",))
@@ -185,9 +186,9 @@ def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_
     the straight-through and the alpha path are cut for that element.
     """
     c = _half_range(qp.alpha.shape[-1])
-    w = bcq.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis)  # [R, g]
+    w = bcq_fit.to_rows(W.astype(jnp.float32), qb.group_size, qb.axis)  # [R, g]
     w_tilde, u = transform_rows(w, qp, qb)
-    q = bcq.level_values(qb.patterns, qp.alpha)  # [R, g]
+    q = bcq_fit.level_values(qb.patterns, qp.alpha)  # [R, g]
     if gradient_filtering:
         threshold = jnp.min(jnp.abs(qp.alpha), axis=-1, keepdims=True)
         keep = jax.lax.stop_gradient(jnp.abs(u - q) <= threshold)
@@ -195,7 +196,7 @@ def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_
         w_tilde = jnp.where(keep, w_tilde, jax.lax.stop_gradient(w_tilde))
     w_int = q + qb.shift[:, None] + c + (w_tilde - jax.lax.stop_gradient(w_tilde))  # value q + z_b + c
     w_hat = (w_int - qb.zero[:, None]) * jnp.exp(qp.delta1)[:, None]
-    return bcq.from_rows(w_hat, W.shape, qb.group_size, qb.axis)
+    return bcq_fit.from_rows(w_hat, W.shape, qb.group_size, qb.axis)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_dtype",))
@@ -204,16 +205,16 @@ def fold_to_bcq(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, scale_dt
 
     Codes are the final assignment (full search, ``full_assignment``) under the trained
     parameters; ``alpha* = s alpha``, ``o* = s (z_b + c - z)``, canonicalized to
-    ``alpha* >= 0`` descending (``bcq.canonical_rows``, same levels). Dequantizing the
+    ``alpha* >= 0`` descending (``bcq_fit.canonical_rows``, same levels). Dequantizing the
     result equals ``fake_quant(W, qp, full_assignment(W, qp, qb))`` up to float rounding
     (float32 ``scale_dtype``) or float16 rounding of the stored scales (the default).
     """
     c = _half_range(qp.alpha.shape[-1])
     qb = full_assignment(W, qp, qb)
     s = jnp.exp(qp.delta1)
-    alpha, patterns = bcq.canonical_rows(s[:, None] * qp.alpha, qb.patterns)
+    alpha, patterns = bcq_fit.canonical_rows(s[:, None] * qp.alpha, qb.patterns)
     offset = s * (qb.shift + c - qb.zero)
-    return bcq.pack_rows(patterns, alpha, offset, shape=W.shape, group_size=qb.group_size, axis=qb.axis,
+    return bcq_fit.pack_rows(patterns, alpha, offset, shape=W.shape, group_size=qb.group_size, axis=qb.axis,
                          scale_dtype=scale_dtype)
 
 

@@ -21,7 +21,7 @@ model, in the same frame as the GPTQ driver (``quantize.py``):
 
 ``nested_planes`` gives the second elastic axis: a k-bit BCQ model evaluated with its
 first k' planes, alpha and offset refit by least squares on calibration inputs of the
-k'-bit prefix (``bcq.refit_alpha`` with the input correlation of each weight).
+k'-bit prefix (``bcq_fit.refit_alpha`` with the input correlation of each weight).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from uniql_jax.compress import calibration
 from uniql_jax.config import ModelConfig
 from uniql_jax.eval import data_mesh
 from uniql_jax.models.layers import rms_norm
-from uniql_jax.quant import bcq, rtn, uniquan
+from uniql_jax.quant import bcq_fit, rtn, uniquan
+from uniql_jax.quant.formats import bcq
 from uniql_jax.quant.plan import group_size_for, kept_sizes, linear_contractions, linear_inputs
 
 log = logging.getLogger(__name__)
@@ -238,14 +239,14 @@ def nested_planes(cfg: ModelConfig, params_q: dict, params_ref: dict, calib, bit
     ``refit=False`` keeps the stored scales of those planes (AnyBCQ truncation).
     ``refit=True`` solves alpha and offset per precision by least squares against the
     full-precision weights ``params_ref`` (the same sorted model before quantization),
-    weighted by the input correlation H of each weight (``bcq.refit_alpha``) measured
+    weighted by the input correlation H of each weight (``bcq_fit.refit_alpha``) measured
     block by block on ``calib`` in the already-refit prefix (the sequential order of
     GPTQ); the lm_head uses the final normalized hidden states. Codes never change.
     """
     def drop(w, ref, H):
         if not refit:
             return bcq.drop_planes(w, bits)
-        alpha, offset = bcq.refit_alpha(w, jnp.asarray(ref, F32), bits, H=H, damp=damp)
+        alpha, offset = bcq_fit.refit_alpha(w, jnp.asarray(ref, F32), bits, H=H, damp=damp)
         return bcq.drop_planes(w, bits, alpha, offset)
 
     blocks = list(params_q["blocks"])

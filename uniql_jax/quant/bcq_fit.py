@@ -1,95 +1,29 @@
-"""Packed binary-coding quantized weights (BCQ) and their pure fitting cores.
+"""BCQ fitting: the pure cores that choose a ``BCQArray`` (UNIQUAN.md "Unified initialization").
 
-UNIQUAN.md, "Two formats": a k-bit BCQ weight is ``w = sum_i alpha_i * b_i + o``
-with ``b_i in {-1, +1}``, ``k`` scales ``alpha_i`` and one offset ``o`` per group
-(``group_size`` contiguous weights along the matmul input axis ``axis``).
+The format itself (fields, packing, dequantize, slicing, nested planes) is
+``formats/bcq.py``; this module only finds planes, scales and offsets for a weight:
+the greedy start, the alternating least-squares / nearest-level fit (``bcq_fit``) and
+the least-squares rescaling of the first ``k'`` planes (``refit_alpha``), with the
+shared pieces ``uniquan`` builds on (sorted levels, nearest patterns, ``psd_solve``).
 
-``BCQArray`` layout for a weight of logical shape ``shape = pre + (n,) + post``
-(``n = shape[axis]``, ``G = n // group_size``):
-
-* ``planes``  uint8   ``pre + (n // 8, k) + post``. Plane ``i`` (``i = 0`` the most
-  significant) holds bit ``bit_i`` of every weight, 8 consecutive weights along
-  ``axis`` per byte, weight ``8 * byte + j`` in bit ``j`` (LSB first, the 1-bit case
-  of ``qarray.pack_codes``). ``b_i = 2 * bit_i - 1``.
-* ``alpha``   float16 ``pre + (G, k) + post``: the ``k`` scales of each group.
-* ``offset``  float16 ``pre + (G,) + post``: the offset of each group.
-* ``w = sum_i alpha[g, i] * b_i + offset[g]``, accumulated in float32.
-
-The integer ``p = sum_i bit_i << (k - 1 - i)`` is a weight's *sign pattern*; its
-level is ``sum_i alpha_i (2 bit_i - 1)``. With power-of-two scales
-``alpha_i = s * 2**(k - 2 - i)`` the pattern is exactly the uniform code ``q`` and the
-level is ``s * (q - (2**k - 1) / 2)``: the UQ <-> BCQ bridge (``from_uniform``).
-
-Invariant: ``group_size % 8 == 0`` and ``n % group_size == 0``, so a leading slice of
-whole groups along ``axis`` is again a valid ``BCQArray`` made of exactly the same
-bytes (``slice_leading``): pruning never re-quantizes; any leading slice of another
-axis is free. The first ``k' < k`` planes with their scales (or scales refit by
-``refit_alpha``) are a valid ``k'``-bit ``BCQArray`` (``drop_planes``): nested
-precision from one set of planes.
-
-Internally the fitting cores work on *rows*: every group of every output position
-becomes one row ``[R, group_size]`` (``R = G * prod(pre + post)``), see ``to_rows``.
+The fitting cores work on *rows*: every group of every output position becomes one row
+``[R, group_size]`` (``R = G * prod(pre + post)``), see ``to_rows``; ``pack_rows`` turns a
+row-layout fit into the packed ``BCQArray``. Pure array functions (no Flax, no I/O).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniql_jax.quant import qarray
+from uniql_jax.quant.formats.bcq import (BCQArray, SCALE_DTYPE, check_layout, pack_planes, signs_of,
+                                         signs_to_patterns)
 
-SCALE_DTYPE = qarray.SCALE_DTYPE
-MAX_BITS = 8
 # Fits run once, offline: full float32 products (no TF32 / bf16 passes on accelerators).
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BCQArray:
-    planes: jax.Array  # uint8 pre + (n//8, k) + post, see module docstring
-    alpha: jax.Array  # float16 pre + (G, k) + post
-    offset: jax.Array  # float16 pre + (G,) + post
-    bits: int = dataclasses.field(metadata=dict(static=True))  # k, number of bit-planes
-    group_size: int = dataclasses.field(metadata=dict(static=True))
-    axis: int = dataclasses.field(metadata=dict(static=True))  # non-negative, the matmul input axis
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # logical shape
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.size * a.dtype.itemsize for a in (self.planes, self.alpha, self.offset)))
-
-    @property
-    def dtype(self):
-        return self.alpha.dtype
-
-    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight of logical shape; the models call ``w.dequantize(dtype)``."""
-        return dequantize(self, dtype)
-
-    def __repr__(self):
-        return f"BCQArray(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, axis={self.axis})"
-
-
-def is_bcq(x) -> bool:
-    return isinstance(x, BCQArray)
-
-
-def check_layout(bits: int, group_size: int, n: int):
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be in [1, {MAX_BITS}], got {bits}")
-    if group_size % 8 or n % group_size:
-        raise ValueError(f"group_size {group_size} must be a multiple of 8 dividing the quantized axis ({n})")
 
 
 # ---------------------------------------------------------------------------
@@ -108,13 +42,6 @@ def pattern_signs(patterns: jax.Array, bits: int) -> jax.Array:
     """Sign patterns int [...] -> float32 signs [..., k] (b_i = 2 bit_i - 1, MSB first)."""
     shifts = bits - 1 - jnp.arange(bits, dtype=jnp.int32)
     return 2.0 * ((patterns[..., None] >> shifts) & 1).astype(jnp.float32) - 1.0
-
-
-def signs_to_patterns(signs: jax.Array) -> jax.Array:
-    """float signs [..., k] (+-1) -> int32 sign patterns [...]."""
-    bits = signs.shape[-1]
-    weights = (1 << (bits - 1 - jnp.arange(bits, dtype=jnp.int32)))
-    return jnp.sum((signs > 0).astype(jnp.int32) * weights, axis=-1)
 
 
 def to_rows(x: jax.Array, group_size: int, axis: int) -> jax.Array:
@@ -149,17 +76,6 @@ def _lead_shape(shape: tuple[int, ...], group_size: int, axis: int) -> tuple[int
     return shape[:axis] + (shape[axis] // group_size,) + shape[axis + 1 :]
 
 
-# ---------------------------------------------------------------------------
-# Pack / unpack
-# ---------------------------------------------------------------------------
-
-
-def pack_planes(patterns: jax.Array, bits: int, axis: int) -> jax.Array:
-    """Sign patterns (logical shape) -> uint8 planes ``pre + (n/8, k) + post``, MSB plane first."""
-    bits_kx = (patterns[..., None] >> (bits - 1 - jnp.arange(bits, dtype=jnp.int32))) & 1  # shape + (k,)
-    return qarray.pack_codes(jnp.moveaxis(bits_kx, -1, axis + 1), 1, axis)  # 8 weights per byte along axis
-
-
 def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis: int,
               scale_dtype=SCALE_DTYPE) -> BCQArray:
     """Row-layout fit (sign patterns [R, g], alpha [R, k], offset [R]) -> packed ``BCQArray``.
@@ -176,129 +92,6 @@ def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis
     alpha = rows_to_groups(alpha_RxK, lead, axis).astype(scale_dtype)
     offset = offset_R.reshape(lead).astype(scale_dtype)
     return BCQArray(planes, alpha, offset, bits, group_size, axis, shape)
-
-
-def signs_of(b: BCQArray) -> jax.Array:
-    """float32 signs b_i = +-1, shape pre + (n, k) + post."""
-    bits01 = qarray.unpack_codes(b.planes, 1, b.axis)
-    return 2.0 * bits01.astype(jnp.float32) - 1.0
-
-
-@jax.jit
-def patterns_of(b: BCQArray) -> jax.Array:
-    """int32 sign patterns, logical shape."""
-    return signs_to_patterns(jnp.moveaxis(signs_of(b), b.axis + 1, -1))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize(b: BCQArray, dtype: Any = jnp.float32) -> jax.Array:
-    """w = sum_i alpha_i b_i + o (UNIQUAN.md "Two formats"), float32 arithmetic, cast to `dtype`."""
-    signs = signs_of(b)  # pre + (n, k) + post
-    alpha = qarray.expand_groups(b.alpha.astype(jnp.float32), b.group_size, b.axis)  # pre + (n, k) + post
-    offset = qarray.expand_groups(b.offset.astype(jnp.float32), b.group_size, b.axis)  # logical shape
-    return (jnp.sum(alpha * signs, axis=b.axis + 1) + offset).astype(dtype)
-
-
-# ---------------------------------------------------------------------------
-# Slicing: rates (leading boxes) and precisions (leading planes)
-# ---------------------------------------------------------------------------
-
-
-def slice_leading(b: BCQArray, axis: int, n: int) -> BCQArray:
-    """Keep the first `n` entries of logical `axis` by slicing bytes only (never re-quantizes).
-
-    Along the quantized axis `n` must be a multiple of ``group_size`` (whole groups,
-    whole bytes); any other axis can be cut anywhere.
-    """
-    axis = axis % b.ndim
-    if n == b.shape[axis]:
-        return b
-    shape = b.shape[:axis] + (n,) + b.shape[axis + 1 :]
-    if axis != b.axis:
-        array_axis = axis if axis < b.axis else axis + 1  # planes / alpha carry the k axis after b.axis
-        return BCQArray(
-            jax.lax.slice_in_dim(b.planes, 0, n, axis=array_axis),
-            jax.lax.slice_in_dim(b.alpha, 0, n, axis=array_axis),
-            jax.lax.slice_in_dim(b.offset, 0, n, axis=axis),
-            b.bits, b.group_size, b.axis, shape,
-        )
-    if n % b.group_size:
-        raise ValueError(
-            f"cannot keep {n} of {b.shape[axis]} entries of the quantized axis: not a multiple of group size {b.group_size}"
-        )
-    groups = n // b.group_size
-    return BCQArray(
-        jax.lax.slice_in_dim(b.planes, 0, n // 8, axis=axis),
-        jax.lax.slice_in_dim(b.alpha, 0, groups, axis=axis),
-        jax.lax.slice_in_dim(b.offset, 0, groups, axis=axis),
-        b.bits, b.group_size, b.axis, shape,
-    )
-
-
-def drop_planes(b: BCQArray, k_new: int, alpha_new=None, offset_new=None) -> BCQArray:
-    """The nested ``k_new``-bit model: the first ``k_new`` planes (bytes untouched).
-
-    Without ``alpha_new`` the first ``k_new`` stored scales are kept (AnyBCQ-style
-    truncation); pass the per-precision scales (and offset) of ``refit_alpha`` for
-    the least-squares refit.
-    """
-    if not 1 <= k_new <= b.bits:
-        raise ValueError(f"k_new must be in [1, {b.bits}], got {k_new}")
-    kept_alpha = jax.lax.slice_in_dim(b.alpha, 0, k_new, axis=b.axis + 1)
-    alpha = kept_alpha if alpha_new is None else alpha_new
-    offset = b.offset if offset_new is None else offset_new
-    if alpha.shape != kept_alpha.shape or offset.shape != b.offset.shape:
-        raise ValueError(f"alpha_new {alpha.shape} / offset_new {offset.shape} do not match the {k_new}-plane layout")
-    return BCQArray(
-        jax.lax.slice_in_dim(b.planes, 0, k_new, axis=b.axis + 1),
-        alpha.astype(SCALE_DTYPE),
-        offset.astype(SCALE_DTYPE),
-        k_new, b.group_size, b.axis, b.shape,
-    )
-
-
-# ---------------------------------------------------------------------------
-# UQ <-> BCQ identity
-# ---------------------------------------------------------------------------
-
-
-def uniform_as_bcq(scale, zero, bits: int):
-    """UNIQUAN.md "Bridge": UQ(s, z) == BCQ with alpha_i = s 2^(k-2-i), o = s((2^k-1)/2 - z).
-
-    ``scale``, ``zero`` [...] -> (alpha [..., k], offset [...]) in float32; the sign
-    pattern of a weight is its UQ code.
-    """
-    scale = jnp.asarray(scale, jnp.float32)
-    powers = 2.0 ** (bits - 2 - jnp.arange(bits, dtype=jnp.float32))  # [k]
-    alpha = scale[..., None] * powers
-    offset = scale * ((2**bits - 1) / 2 - jnp.asarray(zero, jnp.float32))
-    return alpha, offset
-
-
-def from_uniform(q: qarray.QArray) -> BCQArray:
-    """A uniform ``QArray`` as the ``BCQArray`` with the same dequantized values, bit for bit.
-
-    ``QArray`` is symmetric with zero point ``2**(k-1)``, so ``o = -s/2``. Every scale
-    ``s * 2**j`` is exact in float16 unless it leaves float16's normal range; in that
-    case (checked when the scales are concrete) this raises instead of rounding.
-    The planes of weight ``w`` are the binary digits of its code, MSB first.
-    """
-    b, exact = _from_uniform(q)
-    if not isinstance(exact, jax.core.Tracer) and not bool(exact):
-        raise ValueError("some scale * 2**j is not representable in float16 (subnormal or overflow)")
-    return b
-
-
-@jax.jit
-def _from_uniform(q: qarray.QArray):
-    bits, axis = q.bits, q.axis
-    codes = qarray.codes_of(q)  # logical shape, pattern == code
-    alpha32, offset32 = uniform_as_bcq(q.scales, 2 ** (bits - 1), bits)  # scales pre+(G,)+post -> +(k,)
-    alpha32 = jnp.moveaxis(alpha32, -1, axis + 1)  # pre + (G, k) + post
-    alpha16, offset16 = alpha32.astype(SCALE_DTYPE), offset32.astype(SCALE_DTYPE)
-    exact = jnp.all(alpha16.astype(jnp.float32) == alpha32) & jnp.all(offset16.astype(jnp.float32) == offset32)
-    planes = pack_planes(codes, bits, axis)
-    return BCQArray(planes, alpha16, offset16, bits, q.group_size, axis, q.shape), exact
 
 
 # ---------------------------------------------------------------------------
@@ -529,27 +322,3 @@ def _refit_columns(H_nxn, w_Bxn, signs_BxnxK, group_size):
     rhs = jnp.einsum("bgsi,bgs->bgi", design, Hw.reshape(B, G, group_size), precision=HIGHEST)
     P = G * (k + 1)
     return psd_solve(gram.reshape(B, P, P), rhs.reshape(B, P))
-
-
-# ---------------------------------------------------------------------------
-# Storage accounting
-# ---------------------------------------------------------------------------
-
-
-def bits_per_weight(tree) -> float:
-    """Stored bits per logical weight of a params tree, measured from its arrays.
-
-    Packed weights (``QArray``, ``BCQArray``) count their stored bytes (codes / planes
-    plus scales / offsets) over their logical element count; plain arrays their itemsize.
-    BCQ: k + 16(k+1)/g; symmetric uniform QArray: k + 16/g.
-    """
-    packed = lambda x: qarray.is_qarray(x) or is_bcq(x)
-    total_bytes, total_weights = 0, 0
-    for leaf in jax.tree.leaves(tree, is_leaf=packed):
-        if packed(leaf):
-            total_bytes += leaf.nbytes
-            total_weights += math.prod(leaf.shape)
-        else:
-            total_bytes += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-            total_weights += int(np.prod(leaf.shape))
-    return 8.0 * total_bytes / max(total_weights, 1)
