@@ -88,8 +88,8 @@ def test_packed_einsum_outside_the_rule_raises_with_pallas_and_falls_back_with_a
 def test_packed_einsum_kernel_refusal_propagates():
     """A rule spec whose 2-D product the kernel cannot take (8-bit): "pallas" raises from the
     w4a16 dispatcher, "auto" falls back there."""
-    w = qarray.quantize_rtn(jnp.asarray(np.random.default_rng(4).standard_normal((64, 24), np.float32)), bits=8,
-                            group_size=32, axis=0)
+    w = rtn.quantize_rtn(jnp.asarray(np.random.default_rng(4).standard_normal((64, 24), np.float32)), bits=8,
+                         group_size=32, axis=0)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 64), np.float32))
     with pytest.raises(ValueError, match="w4a16: implementation='pallas'.*bits=8"):
         dispatch.packed_einsum("btd,dn->btn", x, w, implementation="pallas")
