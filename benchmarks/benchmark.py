@@ -1,12 +1,13 @@
 """Decode speed and memory of compressed models: bf16 against W4 at several pruning rates.
 
-    python -m experiments.benchmark --arch llama --shape llama3_8b          # on a GPU
-    python -m experiments.benchmark --arch llama --shape tiny --prompt-len 32 --new-tokens 16   # anywhere
+    python -m benchmarks.benchmark --arch llama --shape llama3_8b          # on a GPU
+    python -m benchmarks.benchmark --arch llama --shape tiny --prompt-len 32 --new-tokens 16   # anywhere
 
 Random weights of the real shapes (no download): a W4 model is round-to-nearest
-quantized (speed does not depend on the values), pruned through a uniform rate
-table rounded to the allocation steps `compress` uses. Per variant: prefill time,
-time per output token and tokens/s of a fully compiled decode loop (``uq.generate``:
+quantized (``rtn_quantize_model``; speed does not depend on the values), pruned through
+a uniform rate table rounded to the allocation steps `compress` uses
+(``pipeline.uniform_table``). Per variant: prefill time, time per output token and
+tokens/s of a fully compiled decode loop (``uq.generate``:
 prefill + ``lax.scan`` over cached steps, cache preallocated), trace/lower and compile
 time of each program apart from its run time, XLA's memory analysis of the program and
 the process's peak device memory where the backend reports it, with the XLA path and
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import timed
 from experiments import common
 
 # name -> (arch, ModelConfig keyword arguments, layer pattern for hybrids)
@@ -43,94 +45,16 @@ SHAPES = {
 
 def shape_config(arch: str, shape: str):
     """A full-rank ModelConfig of a named shape (hybrid patterns: M mamba2, * attention, - MLP)."""
-    from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+    from uniql_jax.config import layout_config
 
     shape_arch, kw = SHAPES[shape]
     if shape_arch is not None and shape_arch != arch:
         raise common.UsageError(f"--shape {shape} is a {shape_arch} shape, not {arch}")
     kw = dict(kw)
     layers, pattern = kw.pop("layers", None), kw.pop("pattern", None)
-    hd = kw.get("head_dim", 0)
-    attn = lambda i, rot: AttentionBlock(i, rot // 2, hd - rot, hd)  # noqa: E731
-    mlp = lambda i: MLPBlock(i, kw["intermediate_size"])  # noqa: E731
-    ssm = lambda i: Mamba2Block(i, kw["ssm_state"], kw["ssm_head_dim"])  # noqa: E731
-    if arch in ("llama", "qwen2"):
-        blocks = [b for i in range(layers) for b in (attn(i, hd), mlp(i))]
-        extra = dict(rotary_dim=hd)
-    elif arch == "mamba2":
-        blocks = [ssm(i) for i in range(layers)]
-        extra = {}
-    elif arch == "nemotron_h":
-        kinds = {"M": ssm, "*": lambda i: attn(i, 0), "-": mlp}
-        blocks = [kinds[c](i) for i, c in enumerate(pattern)]
-        extra = dict(rotary_dim=0, mlp_activation="relu2")
-    else:  # bamba: a mixer per layer, each followed by a gated MLP; partial rotary
-        blocks = []
-        for i, c in enumerate(pattern.replace("-", "")):
-            blocks += [ssm(i) if c == "M" else attn(i, hd // 2), mlp(i)]
-        extra = dict(rotary_dim=hd // 2)
-    return ModelConfig(arch=arch, blocks=tuple(blocks), **extra, **kw)
-
-
-def uniform_table(cfg, rates, group_size: int = 128, steps: dict | None = None):
-    """{rate: per-block sizes} keeping (1 - rate) of every prunable dim, rounded to the steps a
-    real compression allocates with (``allocation_steps`` over ``default_steps``: e.g. at
-    Llama-3.1-8B the MLP width in multiples of 128), so that the benchmarked layouts are ones
-    ``compress`` produces and every kept input axis is whole quantization groups."""
-    import dataclasses
-
-    from uniql_jax.compress.allocate import default_steps, round_kept
-    from uniql_jax.quant.quantize import allocation_steps
-
-    steps = steps or allocation_steps(cfg, group_size, default_steps(cfg))
-    fields = {"attention": ("qk_pairs", "qk_pass", "vo_rank"), "mlp": ("width",), "mamba2": ("d_state", "head_dim")}
-    return {r: tuple(dataclasses.replace(b, **{f: round_kept(getattr(b, f), 1 - r, steps[f]) for f in fields[b.kind]})
-                     for b in cfg.blocks)
-            for r in rates}
-
-
-def quantize_rtn_tree(cfg, params, group_size: int, table: dict):
-    """W4 round-to-nearest of every linear weight (along its last contraction axis), embeddings per row.
-
-    One jitted quantizer per distinct weight shape (a few compiles, not one per op and layer).
-    Traceable: ``jax.eval_shape`` of it gives the W4 layout over abstract params.
-    """
-    import functools
-
-    import jax
-
-    from uniql_jax.quant import quantize as qz, rtn
-
-    rtn_weight = jax.jit(functools.partial(qz.quantize_weight, method="rtn", bits=4, damp=0.0, act_order=False),
-                         static_argnames=("group_size", "n_contract"))
-    blocks = []
-    for i, (blk, p) in enumerate(zip(cfg.blocks, params["blocks"])):
-        new = dict(p)
-        for name, n in qz.linear_contractions(cfg, blk, p).items():
-            gs = qz.group_size_for(qz.kept_sizes(cfg, table, i, name, n - 1), group_size)
-            if gs:
-                new[name] = rtn_weight(p[name], None, group_size=gs, n_contract=n)
-        blocks.append(new)
-    out = {**params, "blocks": blocks}
-    head_gs = qz.group_size_for([cfg.hidden_size], group_size)
-    out["embed"] = jax.jit(functools.partial(rtn.rtn_quantize_embedding, bits=4, group_size=head_gs))(params["embed"])
-    if "lm_head" in params:
-        out["lm_head"] = rtn_weight(params["lm_head"], None, group_size=head_gs, n_contract=1)
-    return out
-
-
-def timed(fn, *args, repeats: int = 3, warmup: bool = True):
-    """Median wall time of fn(*args) after one warm-up call (compilation excluded)."""
-    import jax
-
-    if warmup:
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    if arch == "bamba":  # a mixer per letter, each followed by its MLP
+        pattern = pattern.replace("-", "")
+    return layout_config(arch, layers=layers, pattern=pattern, **kw)
 
 
 def device_probe(size_mb: int, matmul_n: int | None = None):
@@ -235,7 +159,7 @@ def bench_variant(cfg, params, prompt, new_tokens, impl, *, repeats: int = 3, co
 def build_parser():
     import uniql_jax as uq
 
-    p = common.Parser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    p = common.Parser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, choices=uq.ARCHS, help="model family (block layout of --shape)")
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
                    help="model shape, random weights (default tiny; the others are real 7-8 B shapes)")
@@ -265,7 +189,9 @@ def run(argv=None):
     import jax.numpy as jnp
 
     from uniql_jax.compress.prune import prune
+    from uniql_jax.pipeline import uniform_table
     from uniql_jax.quant.qarray import deployed_bytes
+    from uniql_jax.quant.quantize import rtn_quantize_model
 
     device = jax.devices()[0]
     device_name = device.device_kind.lower().replace(" ", "-")
@@ -278,7 +204,7 @@ def run(argv=None):
     prompt = jnp.asarray(jax.random.randint(jax.random.PRNGKey(0), (1, args.prompt_len), 0, cfg.vocab_size), jnp.int32)
     table = uniform_table(cfg, rates, args.group_size)
     variants = [("bf16", 0.0, cfg, params)]
-    w4 = jax.block_until_ready(quantize_rtn_tree(cfg, params, args.group_size, table))
+    w4 = jax.block_until_ready(rtn_quantize_model(cfg, params, table, bits=4, group_size=args.group_size)[0])
     for r in rates:
         cfg_r, params_r = prune(cfg, w4, r, table) if r else (cfg, w4)
         variants.append(("w4", r, cfg_r, params_r))
