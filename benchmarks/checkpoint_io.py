@@ -34,8 +34,10 @@ import uniql_jax as uq  # noqa: E402
 from uniql_jax import checkpoint as ck  # noqa: E402
 from uniql_jax.checkpoint.layout import DEFAULT_CHUNK_BYTES  # noqa: E402
 from uniql_jax.compress.prune import abstract_params  # noqa: E402
+from benchmarks.common import timed_call  # noqa: E402
+from uniql_jax.config import ModelConfig, layout_config  # noqa: E402
+from uniql_jax.pipeline import uniform_table  # noqa: E402
 from uniql_jax.elastic import ElasticModel  # noqa: E402
-from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig  # noqa: E402
 from uniql_jax.quant import rtn  # noqa: E402
 from uniql_jax.quant.formats import packed  # noqa: E402
 
@@ -44,19 +46,15 @@ RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 QUANT_RULES = {"q": (0, 128), "k": (0, 128), "v": (0, 128), "o": (2, 16), "gate": (0, 128), "up": (0, 128),
                "down": (0, 128), "embed": (1, 128), "lm_head": (0, 128)}
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-STEPS = {"qk_pairs": 8, "vo_rank": 16, "width": 128}  # head_dim in multiples of 16, MLP width of 128
+STEPS = {"qk_pairs": 8, "vo_rank": 16, "width": 128}  # head_dim in multiples of 16, MLP width of 128 (uniform table)
 
 
-def model_config(layers: int, hidden: int, vocab: int, head_dim: int = 128) -> ModelConfig:
+def llama_shape(layers: int, hidden: int, vocab: int, head_dim: int = 128) -> ModelConfig:
     """Llama-3 proportions: head_dim 128, 4 query heads per kv head, MLP width ~8/3 hidden."""
     heads = hidden // head_dim
-    kv_heads = max(1, heads // 4)
-    width = 128 * round(hidden * 8 / 3 / 128)
-    blocks = []
-    for i in range(layers):
-        blocks += [AttentionBlock(i, head_dim // 2, 0, head_dim), MLPBlock(i, width)]
-    return ModelConfig(arch="llama", vocab_size=vocab, hidden_size=hidden, blocks=tuple(blocks), num_heads=heads,
-                       num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=head_dim, intermediate_size=width)
+    return layout_config("llama", layers=layers, vocab_size=vocab, hidden_size=hidden, num_heads=heads,
+                         num_kv_heads=max(1, heads // 4), head_dim=head_dim,
+                         intermediate_size=128 * round(hidden * 8 / 3 / 128))
 
 
 def random_params(cfg: ModelConfig, seed: int):
@@ -87,31 +85,6 @@ def quantize(params):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def uniform_table(cfg: ModelConfig, rates=RATES) -> dict:
-    """Every prunable size times (1 - rate), rounded to the nearest step (at least one step)."""
-    def shrink(n, step, rate):
-        return max(step, min(n, step * round(n * (1 - rate) / step)))
-
-    table = {}
-    for rate in rates:
-        blocks = []
-        for b in cfg.blocks:
-            if b.kind == "attention":
-                blocks.append(AttentionBlock(b.layer, shrink(b.qk_pairs, STEPS["qk_pairs"], rate), b.qk_pass,
-                                             shrink(b.vo_rank, STEPS["vo_rank"], rate)))
-            else:
-                blocks.append(MLPBlock(b.layer, shrink(b.width, STEPS["width"], rate)))
-        table[rate] = tuple(blocks)
-    return table
-
-
-def timed(fn, *args, **kw):
-    t = time.perf_counter()
-    out = fn(*args, **kw)
-    jax.block_until_ready(jax.tree.leaves(out))
-    return out, time.perf_counter() - t
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12)
@@ -123,15 +96,15 @@ def main(argv=None):
     out_path = Path(args.out or Path(__file__).parent / f"checkpoint_io-{device.platform}.json")
 
     t0 = time.perf_counter()
-    cfg = model_config(args.layers, args.hidden, args.vocab)
+    cfg = llama_shape(args.layers, args.hidden, args.vocab)
     params = quantize(random_params(cfg, seed=0))
-    table = uniform_table(cfg)
+    table = uniform_table(cfg, RATES, steps=STEPS)
     print(f"model: {packed.nbytes(params) / 2**20:.1f} MiB packed, built in {time.perf_counter() - t0:.1f}s", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="uniql-ckpt-bench-"))
     try:
         path = workdir / "ckpt"
-        _, save_s = timed(ck.save, path, cfg, params, table=table,
+        _, save_s = timed_call(ck.save, path, cfg, params, table=table,
                           meta={"model": "random llama-shaped", "quantizer": "rtn", "bits": 4, "seed": 0})
         disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         info = ck.read_info(path)
@@ -139,9 +112,9 @@ def main(argv=None):
 
         rows = []
         for rate in RATES:
-            _, first_s = timed(uq.load, path, rate=rate)  # includes tracing the rate's abstract target
+            _, first_s = timed_call(uq.load, path, rate=rate)  # includes tracing the rate's abstract target
             with ck.ReadCounter() as counter:
-                (cfg_r, params_r), load_s = timed(uq.load, path, rate=rate)
+                (cfg_r, params_r), load_s = timed_call(uq.load, path, rate=rate)
             rows.append({"rate": rate, "kept_param_bytes": info.rate_bytes[rate],
                          "bytes_read_tensorstore": counter.tensorstore, "bytes_read_rchar": counter.rchar,
                          "load_s": round(load_s, 4), "first_load_s": round(first_s, 4)})
@@ -156,17 +129,17 @@ def main(argv=None):
 
         # In-process switching: the full-rank model read once, rates sliced from memory.
         tokens = jnp.zeros((1, 16), jnp.int32)
-        model, from_ckpt_s = timed(ElasticModel.from_checkpoint, path, rate=0.0)
+        model, from_ckpt_s = timed_call(ElasticModel.from_checkpoint, path, rate=0.0)
         switching = {"from_checkpoint_s": round(from_ckpt_s, 4)}
         compiles = []
         listener = lambda event, duration, **kw: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None
         jax.monitoring.register_event_duration_secs_listener(listener)
         for label, rate in (("first_0.0", 0.0), ("first_0.35", 0.35), ("back_to_0.0", 0.0), ("back_to_0.35", 0.35)):
             compiles.clear()
-            _, set_s = timed(model.set_rate, rate)
-            _, fwd_s = timed(model.forward, tokens)
+            _, set_s = timed_call(model.set_rate, rate)
+            _, fwd_s = timed_call(model.forward, tokens)
             n_compiles = len(compiles)
-            _, steady_s = timed(model.forward, tokens)  # the same call again: compute only
+            _, steady_s = timed_call(model.forward, tokens)  # the same call again: compute only
             switching[label] = {"set_rate_s": round(set_s, 4), "forward_s": round(fwd_s, 4),
                                 "xla_compiles": n_compiles, "forward_again_s": round(steady_s, 4)}
             print(f"switch {label}: {switching[label]}", flush=True)

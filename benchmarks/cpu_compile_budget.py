@@ -4,8 +4,8 @@
         [--rates 0,0.35] [--shape llama3_8b --prompt-len 512 --new-tokens 128]
 
 No array is allocated: the params are abstract (``jax.eval_shape`` of ``uq.init_params`` in
-bfloat16, and of ``experiments.benchmark.quantize_rtn_tree`` for W4), the prompt a
-``jax.ShapeDtypeStruct``. For each variant, the two programs ``experiments.benchmark`` times
+bfloat16, and of ``uniql_jax.quant.quantize.rtn_quantize_model`` for W4), the prompt a
+``jax.ShapeDtypeStruct``. For each variant, the two programs ``benchmarks.benchmark`` times
 (``decode_programs``: generate 1 token = prefill, generate 128 tokens = prefill + a scan of
 cached steps; batch 1, prompt 512) are traced and lowered (``lower_s``), then compiled by XLA
 for the CPU (``compile_s``), exactly as ``benchmarks.gpu_suite`` does on the GPU.
@@ -44,11 +44,12 @@ def abstract_variants(cfg, rates, group_size: int = GROUP_SIZE):
     import jax.numpy as jnp
 
     import uniql_jax as uq
-    from experiments import benchmark
+    from uniql_jax.pipeline import uniform_table
+    from uniql_jax.quant.quantize import rtn_quantize_model
 
-    table = benchmark.uniform_table(cfg, rates, group_size)
+    table = uniform_table(cfg, rates, group_size)
     bf16 = jax.eval_shape(lambda: uq.init_params(cfg, 0, jnp.bfloat16))
-    w4 = jax.eval_shape(lambda p: benchmark.quantize_rtn_tree(cfg, p, group_size, table), bf16)
+    w4 = jax.eval_shape(lambda p: rtn_quantize_model(cfg, p, table, bits=4, group_size=group_size)[0], bf16)
     out = {("bf16", 0.0): (cfg, bf16)}
     for r in rates:
         pruned = jax.eval_shape(lambda t, r=r: uq.prune(cfg, t, r, table)[1], w4) if r else w4
@@ -61,14 +62,14 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--rates", default="0,0.35", help="W4 rates to compile (default 0,0.35)")
     ap.add_argument("--programs", default="prefill,full", help="which decode programs to compile")
-    ap.add_argument("--shape", default="llama3_8b", help="a Llama shape of experiments.benchmark (default llama3_8b)")
+    ap.add_argument("--shape", default="llama3_8b", help="a Llama shape of benchmarks.benchmark (default llama3_8b)")
     ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     args = ap.parse_args(argv)
 
     import jax
 
-    from experiments import benchmark
+    from benchmarks import benchmark
     from pallas_kernels import common
 
     cfg = benchmark.shape_config("llama", args.shape)

@@ -1,4 +1,7 @@
-"""Shared plumbing of the command-line tools: one-line errors, model resolution, run folders."""
+"""Shared plumbing of the command-line tools: argument parsing with one-line errors, the exit-status
+policy (`main_guard`), staged output folders, rate lists, logging, and the plots and tables they write.
+
+The work itself is the library's (``uniql_jax.pipeline``, ``uniql_jax.accuracy``, ``uniql_jax.data``)."""
 
 from __future__ import annotations
 
@@ -11,11 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = Path(__file__).resolve().parent / "defaults"
-SHARED_DATA = REPO.parent / "shared" / "data"
-STORIES260K = SHARED_DATA / "stories260K"
-TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_valid_900.txt"
+from uniql_jax.paths import InputError
 
 
 def setup_logging():
@@ -27,7 +26,7 @@ def setup_logging():
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
@@ -41,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 def main_guard(run):
     """Run `run()`; every failure ends in one line on stderr, never a bare traceback.
 
-    Bad input (usage, checkpoint, rate or data errors, an unusable path) exits with
+    Bad input (usage, input, checkpoint, rate or data errors, an unusable path) exits with
     status 2; anything else is a bug: status 1, its traceback written to a log file
     the line names. Notes attached to the exception (e.g. where partial output was
     kept) are appended to the line.
@@ -51,7 +50,7 @@ def main_guard(run):
 
     try:
         return run()
-    except (UsageError, hf.CheckpointError, checkpoint.CheckpointError, checkpoint.RateError, data.DataError) as e:
+    except (InputError, hf.CheckpointError, checkpoint.CheckpointError, checkpoint.RateError, data.DataError) as e:
         print(f"error: {e}{_notes(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
@@ -90,35 +89,6 @@ def parse_rates(text: str) -> list[float]:
     if not rates or rates[0] < 0 or rates[-1] >= 1:
         raise UsageError(f"--rates must lie in [0, 1), got {text!r}")
     return rates
-
-
-def default_model(arch: str) -> Path:
-    """The embedded default checkpoint of an arch (stories260K stands in for llama until it exists)."""
-    folder = DEFAULTS / arch
-    if (folder / "config.json").is_file():
-        return folder
-    if arch == "llama":
-        if not (STORIES260K / "stories260K.bin").is_file():
-            raise UsageError(f"no embedded default for llama and {STORIES260K} is absent; pass --model")
-        return STORIES260K / "stories260K.bin"
-    raise UsageError(f"no embedded default model for arch {arch!r} yet; pass --model")
-
-
-def load_model(arch: str, model: str | None):
-    """(cfg, params, tokenizer, source) for --arch/--model; arch mismatches are errors."""
-    from converters import hf, llama2c
-
-    source = Path(model) if model else default_model(arch)
-    if str(source).endswith(".bin") and Path(source).is_file():
-        cfg, params = llama2c.load(source)
-        tok_file = Path(source).parent / "tok512.bin"
-        tokenizer = llama2c.load_tokenizer(tok_file) if tok_file.is_file() else None
-    else:
-        cfg, params = hf.load(source)
-        tokenizer = hf.load_tokenizer(source)
-    if cfg.arch != arch:
-        raise UsageError(f"--model {source} is a {cfg.arch} checkpoint, not {arch}")
-    return cfg, params, tokenizer, str(source)
 
 
 @contextlib.contextmanager
@@ -164,59 +134,8 @@ def staged_output(out: Path, overwrite: bool):
         tmp.rename(out)
 
 
-class Timer:
-    """Wall time per named stage, logged as it ends."""
-
-    def __init__(self, log=print):
-        self.timings, self.log = {}, log
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()  # logged when done: a failing first stage prints only its error
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
-        self.log(f"[{name}] done in {self.timings[name]:.1f} s")
-
-
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-
-def token_source(spec: str | None, tokenizer, part: str):
-    """1-D token stream of a text file or dataset id; default: TinyStories (train or held-out part)."""
-    from uniql_jax import data
-
-    if spec:
-        return data.load_tokens(spec, tokenizer)
-    if not TINYSTORIES.is_file():
-        raise UsageError(f"the default data {TINYSTORIES} is absent; pass --calib / --eval")
-    return data.load_tokens(TINYSTORIES, tokenizer, part=part)
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """Store the model's tokenizer beside a checkpoint so evaluate / generate need no source model."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(tokenizer, "pieces"):  # llama2.c: its own binary format
-        import struct
-
-        blob = struct.pack("<i", max(len(p) for p in tokenizer.pieces))
-        for piece, score in zip(tokenizer.pieces, tokenizer.scores):
-            blob += struct.pack("<fi", score, len(piece)) + piece
-        (folder / "tokenizer.bin").write_bytes(blob)
-    else:
-        tokenizer.save_pretrained(folder)
-
-
-def load_saved_tokenizer(ckpt: Path):
-    from converters import hf, llama2c
-
-    folder = Path(ckpt) / "tokenizer"
-    if (folder / "tokenizer.bin").is_file():
-        return llama2c.load_tokenizer(folder / "tokenizer.bin")
-    if folder.is_dir():
-        return hf.load_tokenizer(folder)
-    raise UsageError(f"{ckpt}: no tokenizer stored beside the checkpoint")
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -255,8 +174,6 @@ def plot_report(report: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- lm-eval accuracy
 
-# tasks whose accuracy is conventionally reported length-normalized (lm-eval's acc_norm)
-ACC_NORM_TASKS = frozenset({"hellaswag", "arc_challenge", "openbookqa"})
 TASKS_DIR_HINT = "pass --tasks-dir DIR holding an lm-eval YAML task definition over local JSON lines"
 
 
@@ -302,74 +219,6 @@ def load_tasks(args):
             raise UsageError(f"task {name!r}: its data could not be loaded ({type(e).__name__}: {first}); "
                              f"offline, {TASKS_DIR_HINT}") from None
     return names, manager
-
-
-def task_accuracy(rows_by_task: dict, task: str) -> tuple[str, float, float | None]:
-    """(metric name, value, standard error) reported for a task: acc_norm for ACC_NORM_TASKS, else acc,
-    else the task's first metric (e.g. word_perplexity of a rolling task)."""
-    metrics = {k.split(",")[0]: v for k, v in rows_by_task.items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
-    order = ("acc_norm", "acc") if task in ACC_NORM_TASKS else ("acc", "acc_norm")
-    name = next((m for m in order if m in metrics), next(iter(metrics), None))
-    if name is None:
-        raise ValueError(f"task {task}: no numeric metric in {sorted(rows_by_task)}")
-    stderr = rows_by_task.get(f"{name}_stderr,none")
-    return name, float(metrics[name]), stderr if isinstance(stderr, (int, float)) else None
-
-
-def accuracy_rows(lm, rates, names, manager, args, log=print) -> list[dict]:
-    """One lm-eval run per rate over the same in-memory model (`lm.set_rate`), in the order given.
-
-    Row: {"rate", "accuracy": {task: value}, "metric": {task: name}, "stderr": {task: se}, "n": {task: docs},
-    "average" (mean of the accuracy metrics; perplexities excluded), "seconds"}."""
-    import lm_eval
-
-    rows = []
-    for r in rates:
-        start = time.perf_counter()
-        lm.set_rate(r)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, num_fewshot=args.num_fewshot,
-                                      limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
-                                      bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
-        row = {"rate": r, "accuracy": {}, "metric": {}, "stderr": {}, "n": {}}
-        for task in names:
-            for leaf in ([task] if task in out["results"] else sorted(out["group_subtasks"].get(task, []))):
-                metric, value, se = task_accuracy(out["results"][leaf], leaf)
-                row["accuracy"][leaf], row["metric"][leaf], row["stderr"][leaf] = value, metric, se
-                row["n"][leaf] = out.get("n-samples", {}).get(leaf, {}).get("effective")
-        accs = [v for t, v in row["accuracy"].items() if row["metric"][t].startswith("acc")]
-        row["average"] = sum(accs) / len(accs) if accs else None
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        log(f"rate {r:.2f}: " + ", ".join(f"{t} {row['metric'][t]} {v:.4f}" for t, v in row["accuracy"].items())
-            + (f"; average {row['average']:.4f}" if row["average"] is not None else "") + f" ({row['seconds']:.0f} s)")
-        rows.append(row)
-    return rows
-
-
-def accuracy_report(elastic, tokenizer, rates, names, manager, args, log=print) -> dict:
-    """lm-eval accuracy at every rate of an ElasticModel (one in-memory model, rates switched in-process):
-    {"tasks", "num_fewshot", "limit", "rates": accuracy_rows, "compiles": {bucket length: programs}}."""
-    from uniql_jax import harness
-
-    if hasattr(tokenizer, "pieces"):
-        raise UsageError("a llama2.c tokenizer: --tasks needs a transformers tokenizer")
-    lm = harness.UniQLM(elastic=elastic, tokenizer=tokenizer, batch_size=getattr(args, "batch_size", 8))
-    rows = accuracy_rows(lm, rates, names, manager, args, log=log)
-    return {"tasks": list(names), "num_fewshot": args.num_fewshot, "limit": args.limit, "rates": rows,
-            "compiles": {str(k): v for k, v in sorted(lm.compiles.items())}}
-
-
-def accuracy_table(rows) -> str:
-    """Rows rates, columns tasks (accuracy in %, perplexities as they are) and the average."""
-    tasks = list(rows[0]["accuracy"])
-    width = max([10] + [len(t) + 1 for t in tasks])
-    lines = [f"{'rate':>6}" + "".join(f"{t:>{width}}" for t in tasks) + f"{'average':>{width}}",
-             f"{'':>6}" + "".join(f"{rows[0]['metric'][t]:>{width}}" for t in tasks) + f"{'(acc)':>{width}}"]
-    for row in rows:
-        cells = [f"{100 * v:.2f}" if row["metric"][t].startswith("acc") else f"{v:.3f}" for t, v in row["accuracy"].items()]
-        avg = "-" if row["average"] is None else f"{100 * row['average']:.2f}"
-        lines.append(f"{row['rate']:>6.2f}" + "".join(f"{c:>{width}}" for c in cells) + f"{avg:>{width}}")
-    return "\n".join(lines)
 
 
 def plot_accuracy(ax, rows, title="accuracy") -> None:

@@ -8,7 +8,9 @@ architecture) and the data default to WikiText-2 (train for calibration, test fo
 evaluation) through `datasets`; the embedded defaults calibrate on TinyStories.
 
 Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (API.md).
-Nothing is left in --out when a stage fails.
+Nothing is left in --out when a stage fails. The stages are the library's
+(``uniql_jax.pipeline.compress``); this module parses the flags, resolves paths and defaults,
+and writes the outputs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def build_parser():
     p.add_argument("--tied-head", choices=("gptq", "rtn"), default="gptq",
                    help="a tied embedding table is also the output head: quantize it with GPTQ on the final "
                         "hidden states (gptq, default) or per row with round-to-nearest (rtn); --quantizer gptq only")
+    p.add_argument("--zero-point", action="store_true",
+                   help="uniform grids with a per-group offset (min/max, like GGUF Q4_1) instead of symmetric ones; "
+                        "--quantizer gptq or rtn")
     p.add_argument("--finetune-steps", type=int, default=0, help="masked LoRA steps (default 0: no fine-tuning)")
     p.add_argument("--finetune-data", help="text or JSON-lines (Alpaca) file for fine-tuning (default: calibration text)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the LoRA adapters (default 1e-3)")
@@ -100,28 +105,25 @@ def check_args(args):
             raise common.UsageError(f"--model {args.model} is a {arch} checkpoint, not {args.arch}")
         args.arch = arch
     out = user_path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if args.zero_point and args.quantizer not in ("gptq", "rtn"):
+        raise common.UsageError(f"--zero-point applies to --quantizer gptq or rtn, not {args.quantizer}")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
     return rates, out
 
 
-def text_tokens(args, flag: str, tokenizer, split: str, part: str):
-    """Token stream of --calib / --eval. Default: a part of TinyStories for the embedded models; for a
-    real model (--model) WikiText-2's `split` through `datasets` (never silently TinyStories), or a
-    one-line error asking for the flag when it cannot be loaded."""
-    from uniql_jax import data
+def pipeline_config(args, rates):
+    """The library's CompressConfig of the parsed flags (arch and paths already resolved by check_args)."""
+    from uniql_jax.pipeline import CompressConfig
 
-    spec = getattr(args, flag)
-    if spec is None and args.model is not None:
-        spec = f"{WIKITEXT2}@{split}"
-        try:
-            tokens = common.token_source(spec, tokenizer, part)
-        except data.DataError as e:
-            raise common.UsageError(f"no --{flag} given and its default {spec} cannot be loaded ({e}); "
-                                    f"pass --{flag} TEXT_FILE_OR_DATASET") from e
-        setattr(args, flag, spec)
-        return tokens
-    return common.token_source(spec, tokenizer, part)
+    return CompressConfig(
+        arch=args.arch, model=args.model, quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
+        keep_embeddings_16bit=args.keep_embeddings_16bit, embedding_bits=args.embedding_bits,
+        tied_head=args.tied_head, zero_point=args.zero_point, finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
+        finetune_lr=args.finetune_lr, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
+        rates=tuple(rates), allocation=args.allocation, eval=args.eval, eval_windows=args.eval_windows,
+        seed=args.seed, default_data=WIKITEXT2 if args.model is not None else None,
+        num_fewshot=args.num_fewshot, limit=args.limit)
 
 
 def run(argv=None) -> Path:
@@ -131,75 +133,19 @@ def run(argv=None) -> Path:
     tasks = common.load_tasks(args) if args.tasks else None  # unknown / unreachable task: fails before any work
 
     import uniql_jax as uq
-    from uniql_jax import data
-    from uniql_jax.elastic import ElasticModel
-    from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
-    from uniql_jax.quant.quantize import allocation_steps
-    from uniql_jax.compress.sort import sort
-    from uniql_jax.eval import perplexity
-    from uniql_jax.finetune.data import FinetuneData
-    from uniql_jax.finetune.lora import TrainConfig
-    from uniql_jax.finetune.train import finetune_stage
+    from uniql_jax import accuracy, pipeline
 
-    timer = common.Timer(log.info)
-    with timer.stage("convert"):
-        cfg, params, tokenizer, source = common.load_model(args.arch, args.model)
-        calib_stream = text_tokens(args, "calib", tokenizer, "train", "train")
-        eval_tokens = text_tokens(args, "eval", tokenizer, "test", "heldout")
-        if args.eval_windows:
-            eval_tokens = eval_tokens[: args.eval_windows * args.seq_len]
-        calib = data.calibration_windows(calib_stream, args.calib_samples, args.seq_len, seed=args.seed)
-    log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
-             source, cfg.arch, param_count(cfg), len(calib), args.seq_len, len(eval_tokens))
-    report = {"arch": cfg.arch, "model": source, "quantizer": args.quantizer, "bits": args.bits,
-              "group_size": args.group_size, "seed": args.seed, "seq_len": args.seq_len,
-              "eval_windows": args.eval_windows, "embedding_bits": args.embedding_bits or args.bits,
-              "tied_head": args.tied_head if cfg.tie_word_embeddings else None,
-              "calib": args.calib or str(common.TINYSTORIES) + " (train part)",
-              "eval": args.eval or str(common.TINYSTORIES) + " (held-out part)", "timings_s": timer.timings}
-    base_ppl = perplexity(cfg, params, eval_tokens, seq_len=args.seq_len)
-    report["baseline"] = {"ppl": base_ppl, "param_bytes": 2 * param_count(cfg), "params": param_count(cfg)}
-    log.info("baseline perplexity %.4f", base_ppl)
-
-    with timer.stage("sort"):
-        cfg, params = sort(cfg, params, calib)
-    with timer.stage("allocate"):
-        steps = default_steps(cfg)
-        if args.quantizer != "none":
-            steps = allocation_steps(cfg, args.group_size, steps)
-        table = uq.allocate(cfg, params, calib, rates, method=args.allocation, steps=steps)
-    if args.finetune_steps:
-        report["rates_before_finetune"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
-        with timer.stage("finetune"):
-            text = FinetuneData(source=args.finetune_data, tokens=None if args.finetune_data else calib_stream,
-                                tokenizer=tokenizer)
-            params, report["finetune"] = finetune_stage(
-                cfg, params, table, text, TrainConfig(steps=args.finetune_steps, lr=args.finetune_lr,
-                                                      seq_len=args.seq_len, seed=args.seed))
-    if args.quantizer != "none":
-        report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
-        with timer.stage("quantize"):
-            params = uq.quantize(cfg, params, calib, method=args.quantizer, bits=args.bits,
-                                 group_size=args.group_size, table=table,
-                                 quantize_embeddings=not args.keep_embeddings_16bit,
-                                 embedding_bits=args.embedding_bits, tied_head_gptq=args.tied_head == "gptq")
-    with timer.stage("evaluate"):
-        report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=args.seq_len)
-    if tasks:
-        with timer.stage("accuracy"):
-            report["accuracy"] = common.accuracy_report(ElasticModel(cfg, params, table), tokenizer,
-                                                        rates, *tasks, args, log=log.info)
+    config = pipeline_config(args, rates)
+    inputs = pipeline.load_inputs(config)
+    cfg, params, table, report = pipeline.compress(config, inputs, tasks=tasks)
     print_table(report)
     if tasks:
-        print(common.accuracy_table(report["accuracy"]["rates"]))
+        print(accuracy.accuracy_table(report["accuracy"]["rates"]))
     with common.staged_output(out, args.overwrite) as tmp:  # the report first: a failed save keeps it
         common.write_json(tmp / "report.json", report)
         common.plot_report(report, tmp / "report.png")
-        common.save_tokenizer(tokenizer, tmp / "tokenizer")
-        meta = {k: report[k] for k in ("arch", "model", "quantizer", "bits", "group_size", "seed", "seq_len",
-                                        "eval_windows", "calib", "eval")}
-        meta["eval_source"] = args.eval  # None: the held-out TinyStories default
-        uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
+        pipeline.save_tokenizer(inputs.tokenizer, tmp / "tokenizer")
+        uq.save(tmp / "checkpoint", cfg, params, table=table, meta=pipeline.checkpoint_meta(report, inputs.eval_spec))
     log.info("wrote %s", out)
     return out
 

@@ -40,28 +40,12 @@ def build_parser():
     return p
 
 
-def checkpoint_dir(path: Path) -> tuple[Path, Path]:
-    """(run folder with the tokenizer, checkpoint folder) of --ckpt, absolute."""
-    path = user_path(path)
-    if (path / "checkpoint").is_dir():
-        return path, path / "checkpoint"
-    if (path.parent / "tokenizer").exists():
-        return path.parent, path
-    if not path.exists():
-        raise common.UsageError(f"--ckpt {path}: no such directory")
-    return path, path
-
-
 def run(argv=None):
     args = build_parser().parse_args(argv)
     common.setup_logging()
-    from uniql_jax import checkpoint
-    from uniql_jax.compress.allocate import param_count
-    from uniql_jax.elastic import ElasticModel
-    from uniql_jax.eval import blockwise_nll, perplexity
-    from uniql_jax.quant.formats.packed import deployed_bytes
+    from uniql_jax import checkpoint, data, pipeline
 
-    run_dir, ckpt = checkpoint_dir(args.ckpt)
+    run_dir, ckpt = pipeline.checkpoint_dir(args.ckpt)
     info = checkpoint.read_info(ckpt)
     stored = sorted(info.table) or [0.0]
     rates = common.parse_rates(args.rates) if args.rates else stored
@@ -70,21 +54,13 @@ def run(argv=None):
     if args.tasks:
         return run_tasks(args, run_dir, ckpt, rates)
     seq_len = args.seq_len or int(info.meta.get("seq_len", 256))
-    tokenizer = common.load_saved_tokenizer(run_dir)
+    tokenizer = pipeline.load_saved_tokenizer(run_dir)
     eval_spec = args.eval or info.meta.get("eval_source")
-    tokens = common.token_source(eval_spec, tokenizer, "heldout")
+    tokens = data.token_source(eval_spec, tokenizer, "heldout")
     eval_windows = info.meta.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows
     if eval_windows:
         tokens = tokens[: eval_windows * seq_len]
-    model = ElasticModel.from_checkpoint(ckpt)
-    before = blockwise_nll.compiles()
-    rows = []
-    for r in rates:
-        cfg, params = model.set_rate(r)
-        ppl = perplexity(cfg, params, tokens, seq_len=seq_len, batch_size=args.batch_size)
-        rows.append({"rate": r, "ppl": ppl, "params": param_count(cfg), "param_bytes": deployed_bytes(params)})
-        log.info("rate %.2f: perplexity %.4f", r, ppl)
-    compiles = blockwise_nll.compiles() - before
+    rows, compiles = pipeline.checkpoint_perplexity(ckpt, rates, tokens, seq_len=seq_len, batch_size=args.batch_size)
     log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -99,14 +75,17 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     """lm-eval accuracy at every rate from one loaded checkpoint -> (rows, programs compiled)."""
     import time
 
+    from uniql_jax import accuracy, pipeline
     from uniql_jax.elastic import ElasticModel
 
     start = time.perf_counter()
     names, manager = common.load_tasks(args)  # unknown / unreachable task: one line, exit 2, before loading the model
     out = user_path(args.out) if args.out else run_dir
-    tokenizer = common.load_saved_tokenizer(run_dir)
+    tokenizer = pipeline.load_saved_tokenizer(run_dir)
     model = ElasticModel.from_checkpoint(ckpt)
-    result = {"ckpt": str(ckpt)} | common.accuracy_report(model, tokenizer, rates, names, manager, args, log=log.info)
+    result = {"ckpt": str(ckpt)} | accuracy.accuracy_report(model, tokenizer, rates, names, manager,
+                                                            num_fewshot=args.num_fewshot, limit=args.limit,
+                                                            batch_size=args.batch_size, log=log.info)
     rows, compiles = result["rates"], sum(result["compiles"].values())
     log.info("%d rates x %d tasks in %.0f s; %d compiled scoring programs (per bucket length: %s)", len(rates),
              len(names), time.perf_counter() - start, compiles, result["compiles"])
@@ -117,7 +96,7 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(common.accuracy_table(rows))
+        print(accuracy.accuracy_table(rows))
     return rows, compiles
 
 

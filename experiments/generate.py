@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 from experiments import common
-from experiments.evaluate import checkpoint_dir
 
 
 def build_parser():
@@ -29,18 +28,11 @@ def run(argv=None) -> str:
         raise common.UsageError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
         raise common.UsageError("--temperature must be >= 0")
-    import jax.numpy as jnp
+    from uniql_jax import pipeline
 
-    import uniql_jax as uq
-    from uniql_jax import data
-
-    run_dir, ckpt = checkpoint_dir(args.ckpt)
-    cfg, params = uq.load(ckpt, rate=args.rate)
-    tokenizer = common.load_saved_tokenizer(run_dir)
-    prompt = data.encode_documents([args.prompt], tokenizer)[0]
-    out = uq.generate(cfg, params, jnp.asarray([prompt], jnp.int32), args.max_new_tokens,
-                      temperature=args.temperature, seed=args.seed, impl=args.impl)
-    text = tokenizer.decode([int(t) for t in out[0]], **({} if hasattr(tokenizer, "pieces") else {"skip_special_tokens": True}))
+    run_dir, ckpt = pipeline.checkpoint_dir(args.ckpt)
+    text = pipeline.generate_text(run_dir, ckpt, args.rate, args.prompt, args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed, impl=args.impl)
     print(text)
     return text
 

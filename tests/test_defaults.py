@@ -15,17 +15,17 @@ import pytest
 
 import uniql_jax as uq
 from converters import hf
-from experiments import train_tiny
 from tests.conftest import SHARED_DATA
-from uniql_jax import data
+from uniql_jax import data, tiny
 from uniql_jax.eval import unigram_perplexity
+from uniql_jax.paths import DEFAULTS
 
 TINYSTORIES = SHARED_DATA / "tinystories" / "tinystories_valid_900.txt"
 BLOCK_KINDS = {"llama": {"attention", "mlp"}, "qwen2": {"attention", "mlp"}, "mamba2": {"mamba2"},
                "nemotron_h": {"mamba2", "attention", "mlp"}, "bamba": {"mamba2", "attention", "mlp"}}
 SLICE_SEQ, SLICE_WINDOWS = 128, 8
 # the defaults shipped so far (issue 4 tracks the remaining archs); each shipped one is checked fully
-SHIPPED = sorted(a for a in BLOCK_KINDS if (train_tiny.DEFAULTS / a / "config.json").is_file())
+SHIPPED = sorted(a for a in BLOCK_KINDS if (DEFAULTS / a / "config.json").is_file())
 
 
 def default_folder(arch):
@@ -33,7 +33,7 @@ def default_folder(arch):
         hf.mapping_for(arch)
     except hf.CheckpointError as e:  # the converter itself is not written yet
         pytest.skip(str(e))
-    folder = train_tiny.DEFAULTS / arch
+    folder = DEFAULTS / arch
     if not (folder / "config.json").is_file():
         pytest.fail(f"no embedded default at {folder}: python -m experiments.train_tiny --arch {arch}")
     return folder
@@ -53,7 +53,7 @@ def test_default_geometry_and_recorded_results(arch):
     tok = hf.load_tokenizer(folder)
     assert cfg.arch == arch and len(tok) == cfg.vocab_size
     assert {b.kind for b in cfg.blocks} == BLOCK_KINDS[arch]  # hybrids hold every block type they allow
-    n_params = train_tiny.count_params(params)
+    n_params = tiny.count_params(params)
     assert 1e6 <= n_params <= 5e6
     # room to prune along every axis
     if "attention" in BLOCK_KINDS[arch]:
@@ -67,7 +67,7 @@ def test_default_geometry_and_recorded_results(arch):
     assert r["params"] == n_params
     assert h["ppl"] == pytest.approx(h["ppl_transformers"], rel=1e-4)  # the README's 4 digits
     assert h["ppl"] < h["unigram_ppl"] / 3  # it learned far more than token frequencies
-    assert h["greedy"].startswith(train_tiny.PROMPT)
+    assert h["greedy"].startswith(tiny.PROMPT)
 
 
 @pytest.mark.parametrize("arch", SHIPPED)
@@ -99,8 +99,8 @@ def test_default_greedy_continuation_is_reproduced(arch):
     cfg, params = hf.load(folder)
     tok = hf.load_tokenizer(folder)
     recorded = json.loads((folder / "results.json").read_text())["heldout"]["greedy"]
-    assert train_tiny.greedy_sample(cfg, params, tok) == recorded
-    ids = tok(train_tiny.PROMPT)["input_ids"]
+    assert tiny.greedy_sample(cfg, params, tok) == recorded
+    ids = tok(tiny.PROMPT)["input_ids"]
     ours = np.asarray(uq.generate(cfg, params, jnp.asarray([ids], jnp.int32), 24))[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     theirs = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None)[0].numpy()
@@ -110,7 +110,7 @@ def test_default_greedy_continuation_is_reproduced(arch):
 @pytest.mark.slow
 def test_stories260k_on_the_heldout_stories(heldout_docs, shared_data):
     """The real pretrained model through the same data + uq.perplexity path: about 4 (README)."""
-    res = train_tiny.stories260k_heldout(TINYSTORIES)
+    res = tiny.stories260k_heldout(TINYSTORIES)
     assert 2.0 < res["ppl"] < 8.0 and res["ppl"] < res["unigram_ppl"] / 10
 
 
@@ -118,8 +118,8 @@ def test_stories260k_on_the_heldout_stories(heldout_docs, shared_data):
 
 
 def _tiny_run(stream, seed):
-    cfg = train_tiny.model_config("llama", 64, 32, hidden=32, layers=1, heads=2, kv_heads=2, head_dim=16, mlp=64)
-    return train_tiny.train(cfg, stream, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, weight_decay=0.1,
+    cfg = tiny.tiny_config("llama", 64, 32, hidden=32, layers=1, heads=2, kv_heads=2, head_dim=16, mlp=64)
+    return tiny.train(cfg, stream, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, weight_decay=0.1,
                             seed=seed, log_every=4)
 
 
@@ -137,7 +137,7 @@ def test_train_tiny_is_reproducible_under_a_seed_and_learns():
 
 def test_tokenizer_training_is_reproducible_and_round_trips(tmp_path):
     docs = data.split_documents(TINYSTORIES.read_text()[:60_000])
-    a, b = train_tiny.train_tokenizer(docs, 300), train_tiny.train_tokenizer(docs, 300)
+    a, b = tiny.train_tokenizer(docs, 300), tiny.train_tokenizer(docs, 300)
     assert a.get_vocab() == b.get_vocab() and len(a) == 300
     a.save_pretrained(str(tmp_path))
     loaded = hf.load_tokenizer(tmp_path)

@@ -14,8 +14,9 @@ from lm_eval.tasks import TaskManager
 
 import uniql_jax.harness as harness
 from converters import hf
-from experiments.common import DEFAULTS, TINYSTORIES
 from uniql_jax import data
+from uniql_jax.accuracy import write_text_tasks
+from uniql_jax.paths import DEFAULTS, TINYSTORIES
 
 MAX_LEN = 128
 LLAMA = DEFAULTS / "llama"
@@ -25,7 +26,7 @@ LLAMA = DEFAULTS / "llama"
 def tasks_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
     docs = data.load_documents(TINYSTORIES, part="heldout")
-    assert harness.write_text_tasks(folder, docs, name="stories", n_items=16) == ["stories_cloze", "stories_rolling"]
+    assert write_text_tasks(folder, docs, name="stories", n_items=16) == ["stories_cloze", "stories_rolling"]
     return folder
 
 

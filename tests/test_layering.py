@@ -23,10 +23,13 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
 2  algorithms: `uniql_jax.compress.*`, every other `uniql_jax.quant.*` module (the pure
    cores `rtn`, `gptq`, `uniquan`, `bcq_fit`, `hadamard`, the shared calibration plan `quant.plan` and
    the drivers), `uniql_jax.finetune`.
-3  products: the `uniql_jax.checkpoint` package, `uniql_jax.elastic`, `converters.*` (they
-   need only layer 0, but are products of the library, not a base of it), `uniql_jax.harness`,
-   and the public API `uniql_jax` (its `__init__`). A future `pipeline` module belongs here.
-4  programs: `experiments.*`, `benchmarks.*`.
+3  products: the `uniql_jax.checkpoint` package, `uniql_jax.elastic` (ElasticModel),
+   `converters.*` (they need only layer 0, but are
+   products of the library, not a base of it), `uniql_jax.harness`, `uniql_jax.accuracy`
+   (lm-eval accuracy per rate), `uniql_jax.pipeline` (the compress pipeline and its run
+   folder), `uniql_jax.tiny` (the embedded defaults' trainer), and the public API `uniql_jax`
+   (its `__init__`).
+4  programs: `experiments.*` (thin mains: parse, call the library, write), `benchmarks.*`.
 
 A module of the tree that no rule places fails the test: place it here when adding it.
 
@@ -51,7 +54,8 @@ LAYERS = {
     "pallas_kernels": 0,
     "uniql_jax.models": 1, "uniql_jax.inference": 1, "uniql_jax.eval": 1, "uniql_jax.data": 1,
     "uniql_jax.compress": 2, "uniql_jax.quant.": 2, "uniql_jax.finetune": 2,
-    "uniql_jax.checkpoint": 3, "uniql_jax.elastic": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax": 3,
+    "uniql_jax.checkpoint": 3, "uniql_jax.elastic": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax.accuracy": 3,
+    "uniql_jax.pipeline": 3, "uniql_jax.tiny": 3, "uniql_jax": 3,
     "experiments": 4, "benchmarks": 4,
 }
 

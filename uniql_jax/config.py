@@ -143,6 +143,42 @@ def full_rank_blocks(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
     return tuple(full_rank_block(cfg, b) for b in cfg.blocks)
 
 
+# ----- full-rank configs from a layer pattern --------------------------------
+
+# the rotary channels per head of each arch (Nemotron-H attention has no position encoding, Bamba rotates half)
+_ROTARY = {"mamba2": lambda hd: 0, "nemotron_h": lambda hd: 0, "bamba": lambda hd: hd // 2}
+
+
+def layout_config(arch: str, *, layers: int | None = None, pattern: str | None = None, **fields) -> ModelConfig:
+    """A full-rank ModelConfig of `arch` from its decoder layout and geometry `fields` (ModelConfig keywords).
+
+    llama / qwen2: `layers` x (attention, MLP); mamba2: `layers` Mamba2 blocks; nemotron_h: one
+    block per letter of `pattern` (M Mamba2, * attention, - MLP); bamba: a mixer per letter (M or
+    *), each followed by an MLP. Every block is full rank (attention: rotary_dim / 2 pairs and
+    head_dim - rotary_dim pass-through channels; MLP: intermediate_size; Mamba2: ssm_state,
+    ssm_head_dim). Defaults that follow from the arch: `rotary_dim` (head_dim; 0 for nemotron_h,
+    head_dim / 2 for bamba) and nemotron_h's relu2 MLP.
+    """
+    hd = fields.get("head_dim", 0)
+    fields.setdefault("rotary_dim", _ROTARY.get(arch, lambda d: d)(hd))
+    if arch == "nemotron_h":
+        fields.setdefault("mlp_activation", "relu2")
+    rot = fields["rotary_dim"]
+    make = {"*": lambda i: AttentionBlock(i, rot // 2, hd - rot, hd),
+            "-": lambda i: MLPBlock(i, fields["intermediate_size"]),
+            "M": lambda i: Mamba2Block(i, fields["ssm_state"], fields["ssm_head_dim"])}
+    if arch in ("llama", "qwen2", "mamba2"):
+        pattern = ("M" if arch == "mamba2" else "*-") * layers
+        blocks = [make[c](i // (1 if arch == "mamba2" else 2)) for i, c in enumerate(pattern)]
+    elif set(pattern) - set(make) or (arch == "bamba" and "-" in pattern):
+        raise ValueError(f"bad --pattern {pattern!r} for {arch}")
+    elif arch == "nemotron_h":
+        blocks = [make[c](i) for i, c in enumerate(pattern)]
+    else:
+        blocks = [b for i, c in enumerate(pattern) for b in (make[c](i), make["-"](i))]
+    return ModelConfig(arch=arch, blocks=tuple(blocks), **fields)
+
+
 # ----- JSON (de)serialization (checkpoints) ---------------------------------
 
 BLOCK_TYPES = {cls.__dataclass_fields__["kind"].default: cls for cls in (AttentionBlock, MLPBlock, Mamba2Block)}

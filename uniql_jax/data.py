@@ -203,6 +203,18 @@ def load_tokens(source, tokenizer, *, part: str = "all", fraction: float = 0.1) 
     return token_stream(load_documents(source, part=part, fraction=fraction), tokenizer)
 
 
+def token_source(spec: str | None, tokenizer, part: str) -> np.ndarray:
+    """1-D token stream of a text file or dataset id `spec`; None: the shared TinyStories text (its
+    training or held-out `part`), the default data of the embedded models."""
+    from uniql_jax.paths import TINYSTORIES, InputError
+
+    if spec:
+        return load_tokens(spec, tokenizer)
+    if not TINYSTORIES.is_file():
+        raise InputError(f"the default data {TINYSTORIES} is absent; pass --calib / --eval")
+    return load_tokens(TINYSTORIES, tokenizer, part=part)
+
+
 def calibration_windows(stream, num_samples: int, seq_len: int, seed: int = 0) -> np.ndarray:
     """int32 [num_samples, seq_len]: non-overlapping contiguous windows of real tokens, in stream order.
 

@@ -97,59 +97,6 @@ def run_folder_tokenizer(ckpt: Path):
     raise ValueError(f"{ckpt}: no tokenizer/ folder beside the checkpoint")
 
 
-def write_text_tasks(folder, documents: list[str], *, name: str = "stories", n_items: int = 200,
-                     n_choices: int = 4, seed: int = 0) -> list[str]:
-    """lm-eval task definitions over local JSON lines built from plain-text documents (no network).
-
-    Writes into `folder` (give it to ``TaskManager(include_path=...)`` / ``--tasks-dir``):
-
-    * ``{name}_cloze``: multiple choice (acc, acc_norm). Context: the first 1 to 3 sentences of a
-      document; choices: its true next sentence among `n_choices - 1` next sentences of other
-      documents (a HellaSwag-style cloze). A model that learned the text ranks the true one first
-      more often than 1 / n_choices.
-    * ``{name}_rolling``: loglikelihood_rolling over whole documents (word / byte perplexity, bits
-      per byte), the path wikitext takes.
-
-    Returns the task names. The JSON lines sit beside the YAMLs, referenced by absolute path.
-    """
-    import json
-    import random
-    import re
-
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    split = [[s for s in re.split(r"(?<=[.!?])\s+", d.strip()) if s] for d in documents]
-    usable = [i for i, sents in enumerate(split) if len(sents) >= 2]
-    if len(usable) < n_choices:
-        raise ValueError(f"need at least {n_choices} documents of 2 or more sentences, got {len(usable)}")
-    items = []
-    for i in usable[:n_items]:
-        k = rng.randrange(1, min(4, len(split[i])))
-        others = rng.sample([j for j in usable if j != i], n_choices - 1)
-        choices = [split[i][k]] + [split[j][rng.randrange(1, len(split[j]))] for j in others]
-        order = list(range(n_choices))
-        rng.shuffle(order)
-        items.append({"context": " ".join(split[i][:k]), "choices": [choices[o] for o in order],
-                      "label": order.index(0)})
-    rolling = [{"text": d.strip()} for d in documents[:n_items] if d.strip()]
-    specs = {
-        f"{name}_cloze": (items, "output_type: multiple_choice\ndoc_to_text: context\n"
-                                 "doc_to_choice: choices\ndoc_to_target: label\n"
-                                 "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
-        f"{name}_rolling": (rolling, "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
-                                     "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n"
-                                     "  - metric: byte_perplexity\n  - metric: bits_per_byte\n"),
-    }
-    for task, (rows, body) in specs.items():
-        data = folder / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{task}.yaml").write_text(
-            f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
-            f"test_split: test\n{body}metadata:\n  version: 1.0\n")
-    return list(specs)
-
-
 @register_model("uniql")
 class UniQLM(TemplateLM):
     """lm-eval LM over a uniql-jax model (see the module docstring for the model_args)."""

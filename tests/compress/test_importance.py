@@ -1,18 +1,20 @@
 """Importance matters: on real trained models, pruning UniQL's sorted order loses less than pruning a
 random channel order or a weight-magnitude order under the same allocation (UNIQL.md, Stage 1).
 
-The comparison is `experiments.bench_sorting.importance_row` (the benchmark that writes the README
-table): calibration windows from the TinyStories training documents, perplexity on the held-out ones.
+The comparison is `compress.sort.importance_comparison` (what benchmarks/bench_sorting.py importance, the
+README table, runs): calibration windows from the TinyStories training documents, perplexity on the held-out ones.
 """
 
 import numpy as np
 import pytest
 
-from experiments.bench_sorting import importance_row
+from uniql_jax.compress.sort import importance_comparison
+from uniql_jax.pipeline import load_named_model
 
 
 def check_uniql_wins(name, rates, **budget):
-    row = importance_row(name, rates, **budget)  # every default ships: a missing one fails here
+    cfg, params, tok, _ = load_named_model(name)  # every default ships: a missing one fails here
+    row = importance_comparison(cfg, params, tok, rates, **budget)
     ppl = row["ppl"]
     for i, r in enumerate(rates):
         assert row["params"][i] < row["dense_params"], r  # the rate really prunes...
@@ -27,7 +29,7 @@ def test_uniql_order_beats_baselines_at_25_percent(model, shared_data):
     check_uniql_wins(model, [0.25], calib_samples=8, seq_len=128, eval_tokens=4096)
 
 
-# The README table (python -m experiments.bench_sorting importance): same budget as the benchmark's defaults.
+# The README table (python -m benchmarks.bench_sorting importance): same budget as the benchmark's defaults.
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["stories260K", "llama", "mamba2", "nemotron_h", "bamba", "qwen2"])
 def test_uniql_order_beats_baselines_at_15_25_35_percent(model, shared_data):

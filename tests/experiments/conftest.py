@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from experiments.common import DEFAULTS, TINYSTORIES
+from uniql_jax.paths import DEFAULTS, TINYSTORIES
 
 SEQ_LEN = 32
 

@@ -108,8 +108,9 @@ def test_staged_output_failure_keeps_the_old_folder(tmp_path):
 def test_failed_save_after_the_work_keeps_the_report_and_says_where(tmp_path, monkeypatch, capsys):
     """Issue 17: a save that fails after every stage ran: one line naming the failure and where the
     report is, exit status 1 with the traceback in a log file (a bug), nothing in --out."""
-    from experiments import common, compress
+    from experiments import compress
     from uniql_jax import checkpoint
+    from uniql_jax.paths import TINYSTORIES
 
     def broken_save(*a, **kw):
         raise RuntimeError("disk on fire")
@@ -117,7 +118,7 @@ def test_failed_save_after_the_work_keeps_the_report_and_says_where(tmp_path, mo
     monkeypatch.setattr(checkpoint, "save", broken_save)
     monkeypatch.setattr("uniql_jax.save", broken_save)
     text = tmp_path / "t.txt"
-    text.write_text(open(common.TINYSTORIES).read()[:20000])
+    text.write_text(open(TINYSTORIES).read()[:20000])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         compress.main(["--arch", "llama", "--out", "o", "--quantizer", "none", "--calib", "t.txt", "--eval", "t.txt",

@@ -5,12 +5,12 @@ import importlib
 
 import pytest
 
-CLIS = ["compress", "evaluate", "generate", "benchmark"]
+CLIS = ["experiments.compress", "experiments.evaluate", "experiments.generate", "benchmarks.benchmark"]
 
 
 @pytest.mark.parametrize("name", CLIS)
 def test_help_explains_every_option(name, capsys):
-    module = importlib.import_module(f"experiments.{name}")
+    module = importlib.import_module(name)
     parser = module.build_parser()
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])

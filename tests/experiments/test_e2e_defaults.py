@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from experiments import compress
-from experiments.common import DEFAULTS, TINYSTORIES
+from uniql_jax.paths import DEFAULTS, TINYSTORIES
 from tests.conftest import REPO
 
 RATES = (0.0, 0.15, 0.25, 0.35)

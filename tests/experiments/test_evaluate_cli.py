@@ -9,6 +9,7 @@ from experiments import evaluate
 from tests.experiments.conftest import SEQ_LEN
 from uniql_jax import data
 from uniql_jax.models.stacks import block_key
+from uniql_jax.pipeline import load_saved_tokenizer
 
 
 def test_one_compile_per_distinct_shape_and_reported(tiny_run, caplog):
@@ -30,7 +31,7 @@ def test_one_compile_per_distinct_shape_and_reported(tiny_run, caplog):
     assert [r["ppl"] for r in rows_again] == [rows[2]["ppl"], rows[3]["ppl"]]
 
     # the in-memory rate switch evaluates the same model as a load at that rate (the stored eval text)
-    tokens = data.load_tokens(tiny_run / "eval.txt", evaluate.common.load_saved_tokenizer(tiny_run))
+    tokens = data.load_tokens(tiny_run / "eval.txt", load_saved_tokenizer(tiny_run))
     for row in rows:
         cfg, params = uq.load(tiny_run / "checkpoint", rate=row["rate"])
         assert uq.perplexity(cfg, params, tokens, seq_len=SEQ_LEN, batch_size=8) == row["ppl"]

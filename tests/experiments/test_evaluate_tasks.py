@@ -13,14 +13,16 @@ from lm_eval.tasks import TaskManager
 
 import uniql_jax as uq
 from experiments import evaluate
-from experiments.common import TINYSTORIES
 from uniql_jax import data, harness
+from uniql_jax.accuracy import write_text_tasks
+from uniql_jax.paths import TINYSTORIES
+from uniql_jax.pipeline import load_saved_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
-    harness.write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=8)
+    write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=8)
     (folder / "unreachable.yaml").write_text(  # a hub dataset: unreachable offline (the tests run offline)
         "task: unreachable_task\ndataset_path: no-such-org/no-such-dataset\noutput_type: multiple_choice\n"
         "test_split: test\ndoc_to_text: q\ndoc_to_choice: c\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n")
@@ -41,7 +43,7 @@ def test_accuracy_at_two_rates_from_one_load(tiny_run, tasks_dir, tmp_path, caps
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the in-process rate equals the backend over the model uq.load reads at that rate
-    tok = evaluate.common.load_saved_tokenizer(tiny_run)
+    tok = load_saved_tokenizer(tiny_run)
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     for row in rows:
         cfg, params = uq.load(tiny_run / "checkpoint", rate=row["rate"])
@@ -58,7 +60,7 @@ def test_registered_backend_switches_rates_like_load(tiny_run):
     at_035 = lm.loglikelihood(requests)
     lm.set_rate(0.0)
     at_0 = lm.loglikelihood(requests)
-    tok = evaluate.common.load_saved_tokenizer(tiny_run)
+    tok = load_saved_tokenizer(tiny_run)
     for rate, got in ((0.35, at_035), (0.0, at_0)):
         cfg, params = uq.load(tiny_run / "checkpoint", rate=rate)
         want = harness.UniQLM(cfg=cfg, params=params, tokenizer=tok).loglikelihood(requests)

@@ -52,14 +52,15 @@ def test_default_model_pruned_and_quantized_pallas_equals_xla():
     """The embedded llama default, sorted order kept, W4 (GPTQ-format packing via the driver's RTN
     path) and pruned at 25 % through a uniform table: kernels == reference."""
     from converters import hf
-    from experiments.benchmark import quantize_rtn_tree, uniform_table
-    from experiments.common import DEFAULTS
     from uniql_jax.compress.prune import prune
     from uniql_jax.inference import forward
+    from uniql_jax.paths import DEFAULTS
+    from uniql_jax.pipeline import uniform_table
+    from uniql_jax.quant.quantize import rtn_quantize_model
 
     cfg, params = hf.load(DEFAULTS / "llama")
     table = uniform_table(cfg, [0.25])
-    cfg_p, params_p = prune(cfg, quantize_rtn_tree(cfg, params, 32, table), 0.25, table)
+    cfg_p, params_p = prune(cfg, rtn_quantize_model(cfg, params, table, bits=4, group_size=32)[0], 0.25, table)
     assert any(qarray.is_qarray(x) for x in jax_leaves(params_p))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
     want = np.asarray(forward(cfg_p, params_p, tokens, impl="xla"), np.float64)

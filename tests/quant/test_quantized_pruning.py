@@ -292,9 +292,9 @@ def test_gptq_perplexity_at_most_rtn_on_stories260k(stories260k):
 # the bench layout is the symmetric one: zero-point cases are not its layout
 @pytest.mark.parametrize("arch,method,bits", cases(keep=lambda arch, method, bits: method in ("gptq", "rtn")))
 def test_abstract_layout_is_what_quantize_produces(arch, method, bits):
-    """The abstract W4 layout behind the Llama-3.1-8B memory figure (experiments/bench_quantization.py)
+    """The abstract W4 layout behind the Llama-3.1-8B memory figure (benchmarks/bench_quantization.py)
     is exactly the driver's: same packed weights, axes, group sizes, array shapes and bytes."""
-    from experiments.bench_quantization import quantized_layout
+    from uniql_jax.quant.layout import quantized_layout
 
     cfg, params, table, qparams = quantized_model(arch, method, bits)
     layout = quantized_layout(cfg, table, bits=bits, group_size=128)

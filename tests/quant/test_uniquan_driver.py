@@ -209,18 +209,21 @@ def test_compress_cli_with_uniquan_reloads_at_a_rate_with_the_reported_perplexit
     checkpoint holds BCQ weights, and uq.load(path, rate) gives the perplexity the report states."""
     import functools
 
-    from experiments import common, compress
+    from experiments import compress
+    from uniql_jax import data
     from uniql_jax.eval import perplexity
+    from uniql_jax.paths import TINYSTORIES
+    from uniql_jax.pipeline import load_saved_tokenizer
 
     monkeypatch.setattr(ud, "quantize", functools.partial(ud.quantize, steps=4))  # the pipeline, not the training
-    text = common.TINYSTORIES.read_text()
+    text = TINYSTORIES.read_text()
     (tmp_path / "eval.txt").write_text(text[-6000:])  # a few held-out stories: a cheap evaluation
     out = compress.run(["--arch", "llama", "--quantizer", "uniquan", "--bits", "3", "--rates", "0,0.15,0.25",
                         "--calib-samples", "4", "--seq-len", "64", "--eval", str(tmp_path / "eval.txt"),
                         "--out", str(tmp_path / "run")])
     report = json.loads((out / "report.json").read_text())
     assert report["quantizer"] == "uniquan" and [r["rate"] for r in report["rates"]] == [0.0, 0.15, 0.25]
-    tokens = common.token_source(str(tmp_path / "eval.txt"), common.load_saved_tokenizer(out), "all")
+    tokens = data.token_source(str(tmp_path / "eval.txt"), load_saved_tokenizer(out), "all")
     for row in report["rates"][1:2]:
         cfg_r, params_r = uq.load(out / "checkpoint", rate=row["rate"])
         packed = [v for b in params_r["blocks"] for v in b.values() if bcq.is_bcq(v)]
@@ -231,7 +234,7 @@ def test_compress_cli_with_uniquan_reloads_at_a_rate_with_the_reported_perplexit
 
 def test_uniquan_layout_is_the_uniform_layout_read_as_bit_planes(pipeline):
     # benchmarks/cpu-quantizers' Llama-3.1-8B BCQ bytes are the abstract uniform layout read as planes
-    from experiments.bench_quantizers import array_layout, to_bcq_planes
+    from uniql_jax.quant.layout import array_layout, to_bcq_planes
 
     cfg, params, calib, table, q = pipeline
     rtn = uq.quantize(cfg, params, calib, method="rtn", bits=BITS, group_size=128, table=table, progress=False)

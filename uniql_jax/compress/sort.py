@@ -119,3 +119,21 @@ def compare_orders(cfg: ModelConfig, params: dict, calib, eval_tokens, rates, *,
             "params_other_allocations": {k: [row["params"] for row in rows[f"uniql_{k}"]] for k in other_allocations},
             "table": table, "ppl": ppl,
             "timings_s": {"allocate": t1 - t0, "sort": t2 - t1, "evaluate": time.perf_counter() - t2}}
+
+
+def importance_comparison(cfg: ModelConfig, params: dict, tokenizer, rates, *, calib_samples: int, seq_len: int,
+                          eval_tokens: int | None = None, seed: int = 0) -> dict:
+    """`compare_orders` on the shared TinyStories text: calibration windows from its training
+    documents, perplexity on the held-out documents (the last 10 %, unseen by the embedded
+    defaults; the first `eval_tokens` of them, default all). The row of benchmarks/bench_sorting.py
+    importance, without the model's name."""
+    from uniql_jax import data
+
+    calib_stream = data.token_source(None, tokenizer, "train")
+    eval_stream = data.token_source(None, tokenizer, "heldout")[:eval_tokens]
+    calib = data.calibration_windows(calib_stream, calib_samples, seq_len, seed=seed)
+    t0 = time.perf_counter()
+    res = compare_orders(cfg, params, calib, eval_stream, rates, seq_len=seq_len, seed=seed)
+    return {"arch": cfg.arch, "dense_ppl": res["dense_ppl"], "rates": list(rates), "ppl": res["ppl"],
+            "dense_params": res["dense_params"], "params": res["params"], "timings_s": res["timings_s"],
+            "wall_s": time.perf_counter() - t0, "calib": [len(calib), seq_len], "eval_tokens": int(len(eval_stream))}

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from experiments import benchmark, common
+from benchmarks import benchmark
+from experiments import common
 
 
 def test_tiny_benchmark_writes_all_variants(tmp_path):

@@ -15,44 +15,43 @@ default under ``experiments/defaults/<arch>/``):
 
 Memory at Llama-3.1-8B's shape: the same byte count over *abstract* arrays
 (``jax.eval_shape``): the float params of the real config, and the layout
-``uq.quantize`` produces for it (``quantized_layout``: the driver's choice of weights,
+``uq.quantize`` produces for it (``quant.layout.quantized_layout``: the driver's choice of weights,
 quantized axes and group sizes, checked against real ``uq.quantize`` outputs in
 tests/quant/test_quantized_pruning.py), pruned with a uniform allocation.
 
-    python -m experiments.bench_quantization [--models stories260K,llama,qwen2,mamba2,nemotron_h,bamba]
+    python -m benchmarks.bench_quantization [--models stories260K,llama,qwen2,mamba2,nemotron_h,bamba]
         [--calib-samples 32] [--seq-len 256] [--rates 0,0.05,...,0.35] [--out benchmarks/cpu-quantization.json]
 
-Tokenized text is cached under /tmp (the llama2.c tokenizer is slow Python).
+Tokenized text is cached under /tmp (``benchmarks.common.cached_tokens``).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import uniql_jax as uq
+from benchmarks.common import cached_tokens
 from experiments import common
+from experiments.compress import DEFAULT_RATES
 from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps, evaluate_rates, param_count
 from uniql_jax.compress.prune import abstract_params
 from uniql_jax.config import ModelConfig
+from uniql_jax.paths import DEFAULTS, STORIES260K, TINYSTORIES
+from uniql_jax.pipeline import load_named_model
 from uniql_jax.quant.formats import packed, qarray
-from uniql_jax.quant.quantize import allocation_steps, rtn_quantize_model
+from uniql_jax.quant.layout import quantized_layout
+from uniql_jax.quant.quantize import allocation_steps
 
 log = logging.getLogger("bench_quantization")
 MODELS = ("stories260K",) + uq.ARCHS
-DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
-TOKEN_CACHE = Path(os.environ.get("UNIQL_TOKEN_CACHE", "/tmp/uniql-token-cache"))
 
 # Llama-3.1-8B's config.json (the fields that shape its arrays), read by the strict HF converter.
 LLAMA_31_8B = {
@@ -68,19 +67,6 @@ PAPER_8B_GB = {"fp16": 16.0, "w4_0": 4.1, "w4_35": 2.8}
 
 
 # ----------------------------------------------------------------------------- abstract quantized layout
-
-
-def rtn_quantized(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
-                  quantize_embeddings: bool = True) -> dict:
-    """What ``uq.quantize(method="rtn")`` returns (no calibration pass; `params` may be abstract)."""
-    return rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
-                              quantize_embeddings=quantize_embeddings)[0]
-
-
-def quantized_layout(cfg: ModelConfig, table: dict | None, **kw) -> dict:
-    """The abstract params (ShapeDtypeStructs, QArrays of them) that ``uq.quantize`` returns for
-    `cfg` and `table` (RTN and GPTQ share the layout): ``rtn_quantized`` over abstract arrays."""
-    return jax.eval_shape(functools.partial(rtn_quantized, cfg, table=table, **kw), abstract_params(cfg))
 
 
 def group_sizes(tree) -> dict[str, list[int]]:
@@ -154,37 +140,12 @@ def available_models(names) -> list[str]:
     """The requested models whose weights exist (stories260K in ../shared/data, defaults in experiments/)."""
     found = []
     for name in names:
-        path = common.STORIES260K / "stories260K.bin" if name == "stories260K" else common.DEFAULTS / name / "config.json"
+        path = STORIES260K / "stories260K.bin" if name == "stories260K" else DEFAULTS / name / "config.json"
         if path.is_file():
             found.append(name)
         else:
             log.warning("skipping %s: %s is absent", name, path)
     return found
-
-
-def load(name: str):
-    """(cfg, params, tokenizer, tokenizer file) of a benchmark model."""
-    if name == "stories260K":
-        cfg, params, tok, _ = common.load_model("llama", str(common.STORIES260K / "stories260K.bin"))
-        return cfg, params, tok, common.STORIES260K / "tok512.bin"
-    cfg, params, tok, _ = common.load_model(name, str(common.DEFAULTS / name))
-    return cfg, params, tok, common.DEFAULTS / name / "tokenizer.json"
-
-
-def cached_tokens(text: Path, tokenizer, tokenizer_file: Path, part: str) -> np.ndarray:
-    """`data.load_tokens(text, tokenizer, part=part)`, cached in TOKEN_CACHE by content hash."""
-    key = hashlib.sha256(Path(text).read_bytes() + Path(tokenizer_file).read_bytes() + part.encode()).hexdigest()[:16]
-    path = TOKEN_CACHE / f"{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    t0 = time.perf_counter()
-    tokens = data.load_tokens(text, tokenizer, part=part)
-    TOKEN_CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".tmp.npy"), tokens)
-    os.replace(path.with_suffix(".tmp.npy"), path)
-    log.info("tokenized %s (%s): %d tokens in %.1f s, cached in %s", text.name, part, len(tokens),
-             time.perf_counter() - t0, path)
-    return tokens
 
 
 # ----------------------------------------------------------------------------- one model
@@ -193,9 +154,9 @@ def cached_tokens(text: Path, tokenizer, tokenizer_file: Path, part: str) -> np.
 def bench_model(name: str, rates, *, calib_samples: int, seq_len: int, seed: int, group_size: int = 128) -> dict:
     timings = {}
     t0 = time.perf_counter()
-    cfg, params, tok, tok_file = load(name)
-    train = cached_tokens(common.TINYSTORIES, tok, tok_file, "train")
-    heldout = cached_tokens(common.TINYSTORIES, tok, tok_file, "heldout")
+    cfg, params, tok, source = load_named_model(name)
+    train = cached_tokens(source, tok, "train")
+    heldout = cached_tokens(source, tok, "heldout")
     calib = data.calibration_windows(train, calib_samples, seq_len, seed=seed)
     timings["load"] = time.perf_counter() - t0
     log.info("%s: %s, %d params, %d eval tokens", name, cfg.arch, param_count(cfg), len(heldout))
@@ -284,7 +245,7 @@ def run(models=MODELS, rates=None, *, calib_samples=32, seq_len=256, seed=0, out
     result = {
         "device": f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()})",
         "jax": jax.__version__, "bits": 4, "group_size": 128, "rates": list(rates), "max_rate": max(rates),
-        "eval": f"{common.TINYSTORIES.name} (held-out part), windows of {seq_len}",
+        "eval": f"{TINYSTORIES.name} (held-out part), windows of {seq_len}",
         "fp_note": "FP = the sorted unquantized model (float32 arithmetic); its bytes are counted at 16 bits",
         "models": kept, "missing_models": [n for n in MODELS if n not in available_models(MODELS)],
     }

@@ -8,10 +8,10 @@ default JAX device. For each arch:
   does: includes dispatch), and ``uq.generate``'s compiled ``lax.scan`` of steps, per token
   = (time(1 + n new tokens) - time(1 new token)) / n, so the prefill cancels out.
 
-    python -m experiments.bench_models [--archs mamba2,nemotron_h,bamba] [--prefill 128,512,2048]
+    python -m benchmarks.bench_models [--archs mamba2,nemotron_h,bamba] [--prefill 128,512,2048]
         [--decode-steps 64] [--repeats 5] [--out benchmarks/cpu-ssm-models.json]
 
-`run(...)` returns the same dict it writes, for ``experiments/benchmark.py`` to call.
+`run(...)` returns the same dict it writes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import uniql_jax as uq
-from uniql_jax.config import AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from benchmarks.common import timed_call
+from uniql_jax.config import ModelConfig, layout_config
 
 HIDDEN, VOCAB = 256, 4096
 # Mamba2 geometry shared by the three: 8 heads x 64 (expand 2), 1 group, d_state 64, chunk 128
@@ -38,41 +39,27 @@ SSM = dict(ssm_heads=8, ssm_head_dim=64, ssm_groups=1, ssm_state=64, ssm_chunk_s
 NEMOTRON_PATTERN = "M-M-M*-M-M-M*-M-M-"  # Nemotron-H-8B's M:*:- proportions (24:4:24), shortened
 
 
-def model_config(arch: str) -> ModelConfig:
+def ssm_config(arch: str) -> ModelConfig:
     """The ~10M-parameter benchmark model of an arch (hidden 256, vocab 4096)."""
-    M = lambda i: Mamba2Block(i, SSM["ssm_state"], SSM["ssm_head_dim"])  # noqa: E731
     if arch == "mamba2":
-        return ModelConfig(arch="mamba2", vocab_size=VOCAB, hidden_size=HIDDEN, blocks=tuple(M(i) for i in range(18)), **SSM)
+        return layout_config("mamba2", layers=18, vocab_size=VOCAB, hidden_size=HIDDEN, **SSM)
     if arch == "nemotron_h":
-        kinds = {"M": M, "*": lambda i: AttentionBlock(i, 0, 64, 64), "-": lambda i: MLPBlock(i, 1024)}
-        return ModelConfig(arch="nemotron_h", vocab_size=VOCAB, hidden_size=HIDDEN,
-                           blocks=tuple(kinds[ch](i) for i, ch in enumerate(NEMOTRON_PATTERN)),
-                           num_heads=4, num_kv_heads=2, head_dim=64, rotary_dim=0, intermediate_size=1024,
-                           mlp_activation="relu2", time_step_limit=(0.001, math.inf), **SSM)
-    if arch == "bamba":
-        blocks = []
-        for i in range(8):  # attention in one layer of eight (Bamba-9B: 3 of 32), partial rotary 0.5
-            blocks += [AttentionBlock(i, 16, 32, 64) if i == 3 else M(i), MLPBlock(i, 768)]
-        return ModelConfig(arch="bamba", vocab_size=VOCAB, hidden_size=HIDDEN, blocks=tuple(blocks), num_heads=4,
-                           num_kv_heads=2, head_dim=64, rotary_dim=32, intermediate_size=768, **SSM)
+        return layout_config("nemotron_h", pattern=NEMOTRON_PATTERN, vocab_size=VOCAB, hidden_size=HIDDEN,
+                             num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=1024,
+                             time_step_limit=(0.001, math.inf), **SSM)
+    if arch == "bamba":  # attention in one layer of eight (Bamba-9B: 3 of 32), partial rotary 0.5
+        return layout_config("bamba", pattern="MMM*MMMM", vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=4,
+                             num_kv_heads=2, head_dim=64, intermediate_size=768, **SSM)
     raise ValueError(f"no benchmark model for arch {arch!r}")
 
 
 def _timed(fn, repeats: int) -> tuple[float, list[float]]:
     """(first call incl. compile, the following `repeats` calls) in seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, times
+    return timed_call(fn)[1], [timed_call(fn)[1] for _ in range(repeats)]
 
 
 def bench_arch(arch: str, prefill_lengths, decode_steps: int, repeats: int, prompt_len: int = 128) -> dict:
-    cfg = model_config(arch)
+    cfg = ssm_config(arch)
     t0 = time.perf_counter()
     params = uq.init_params(cfg, 0)
     init_s = time.perf_counter() - t0

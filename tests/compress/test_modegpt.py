@@ -1,9 +1,9 @@
-"""The MoDeGPT-style baseline of experiments/bench_sorting.py is the least-squares rebuild it claims to be."""
+"""The MoDeGPT-style baseline (compress.modegpt, benchmarks/bench_sorting.py) is the least-squares rebuild it claims to be."""
 
 import numpy as np
 
-from experiments.bench_sorting import modegpt_rebuild, output_error, synthetic_mlp
 from uniql_jax.compress import lowrank
+from uniql_jax.compress.modegpt import modegpt_rebuild, output_error, synthetic_mlp
 
 
 def test_modegpt_rebuild_is_the_least_squares_fit_of_the_kept_channels():

@@ -1,8 +1,8 @@
 """Masked LoRA fine-tuning on a default model: perplexity grid before / after, and step throughput.
 
-    python -m experiments.finetune_grid --arch llama --steps 300
-    python -m experiments.finetune_grid --arch bamba --steps 300 --out benchmarks/finetune-cpu.json
-    python -m experiments.finetune_grid --table benchmarks/finetune-cpu.json     # the README table
+    python -m benchmarks.finetune_grid --arch llama --steps 300
+    python -m benchmarks.finetune_grid --arch bamba --steps 300 --out benchmarks/finetune-cpu.json
+    python -m benchmarks.finetune_grid --table benchmarks/finetune-cpu.json     # the README table
 
 Pipeline (the stages of experiments.compress, 16-bit): convert -> sort on calibration
 windows of the TinyStories training part -> allocate (block influence) -> masked LoRA
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 from experiments import common
+from experiments.compress import DEFAULT_RATES
 
-DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
 DEFAULT_OUT = Path("benchmarks") / "finetune-cpu.json"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m experiments.finetune_grid", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.finetune_grid", description=__doc__.split("\n")[0])
     p.add_argument("--arch", help="model family (its embedded default unless --model)")
     p.add_argument("--model", help="HF checkpoint folder or llama2.c .bin")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
@@ -95,13 +95,14 @@ def run(args):
     from uniql_jax.finetune.data import FinetuneData
     from uniql_jax.finetune.lora import TrainConfig
     from uniql_jax.finetune.train import EvalConfig, ResumeConfig, finetune_stage
+    from uniql_jax.pipeline import Timer, load_model
 
     rates = common.parse_rates(args.rates)
-    timer = common.Timer()
+    timer = Timer()
     with timer.stage("convert"):
-        cfg, params, tokenizer, source = common.load_model(args.arch, args.model)
-        train = common.token_source(None, tokenizer, "train")
-        held = common.token_source(None, tokenizer, "heldout")
+        cfg, params, tokenizer, source = load_model(args.arch, args.model)
+        train = data.token_source(None, tokenizer, "train")
+        held = data.token_source(None, tokenizer, "heldout")
         calib = data.calibration_windows(train, args.calib_samples, args.seq_len, seed=args.seed)
     with timer.stage("sort"):
         cfg, params = sort(cfg, params, calib, progress=False)

@@ -1,8 +1,8 @@
 """Benchmarks of UniQL stage 1 (structured sorting); JSON under benchmarks/, named after the device.
 
-    python -m experiments.bench_sorting importance [--models stories260K,llama,mamba2] [--rates 0.15,0.25,0.35]
-    python -m experiments.bench_sorting modegpt [--widths 1024,2048,4096,8192]
-    python -m experiments.bench_sorting layer8b [--layers 2] [--windows 4] [--seq-len 256]
+    python -m benchmarks.bench_sorting importance [--models stories260K,llama,mamba2] [--rates 0.15,0.25,0.35]
+    python -m benchmarks.bench_sorting modegpt [--widths 1024,2048,4096,8192]
+    python -m benchmarks.bench_sorting layer8b [--layers 2] [--windows 4] [--seq-len 256]
 
 importance: perplexity at each rate for UniQL's order against a random channel order and a
     weight-magnitude order, all pruned with the same block-influence allocation (UNIQL.md
@@ -16,7 +16,7 @@ layer8b: stage-1 time and peak memory per decoder layer at Llama-3.1-8B shapes (
     8 kv heads of 128, MLP 14336; random weights), a few layers, extrapolated to 32 layers.
 
 Output: benchmarks/<platform>-sorting-<command>.json (--out to change). tests/compress/test_importance.py
-runs `importance_row`, the same comparison, on a smaller budget. On a shared, oversubscribed CPU run
+runs the same comparison (``compress.sort.importance_comparison``) on a smaller budget. On a shared, oversubscribed CPU run
 the timings with OPENBLAS_NUM_THREADS=1: threaded OpenBLAS then spends most of its time waiting (a
 1024-wide Cholesky measured 10x slower with 2 threads at a load average of 15); the JSON records it.
 """
@@ -53,38 +53,21 @@ def write(res: dict, name: str, out: str | None):
 
 
 # ----------------------------------------------------------------------------- importance
-def load_importance_model(name: str):
-    """(cfg, params, tokenizer, source) of "stories260K" (the real llama2.c model) or an arch's trained default."""
-    from experiments import common
-
-    if name == "stories260K":
-        return common.load_model("llama", str(common.STORIES260K / "stories260K.bin"))
-    return common.load_model(name, None)
-
-
 def importance_row(name: str, rates, *, calib_samples: int, seq_len: int, eval_tokens: int | None = None,
                    seed: int = 0) -> dict:
-    """One model's importance comparison: calibration windows from the TinyStories training
-    documents, perplexity on the held-out documents (the last 10 %, unseen by the defaults;
-    the first `eval_tokens` of them, default all)."""
-    from experiments import common
-    from uniql_jax import data
-    from uniql_jax.compress.sort import compare_orders
+    """One model's importance comparison (``compress.sort.importance_comparison``): calibration windows
+    from the TinyStories training documents, perplexity on the held-out documents."""
+    from uniql_jax.compress.sort import importance_comparison
+    from uniql_jax.pipeline import load_named_model
 
-    cfg, params, tok, source = load_importance_model(name)
-    calib_stream = common.token_source(None, tok, "train")
-    eval_stream = common.token_source(None, tok, "heldout")[:eval_tokens]
-    calib = data.calibration_windows(calib_stream, calib_samples, seq_len, seed=seed)
-    t0 = time.perf_counter()
-    res = compare_orders(cfg, params, calib, eval_stream, rates, seq_len=seq_len, seed=seed)
-    return {"model": name, "source": source, "arch": cfg.arch, "dense_ppl": res["dense_ppl"], "rates": list(rates),
-            "ppl": res["ppl"], "dense_params": res["dense_params"], "params": res["params"],
-            "timings_s": res["timings_s"], "wall_s": time.perf_counter() - t0,
-            "calib": [len(calib), seq_len], "eval_tokens": int(len(eval_stream))}
+    cfg, params, tok, source = load_named_model(name)
+    row = importance_comparison(cfg, params, tok, rates, calib_samples=calib_samples, seq_len=seq_len,
+                                eval_tokens=eval_tokens, seed=seed)
+    return {"model": name, "source": source, **row}
 
 
 def importance(args) -> dict:
-    from experiments import common
+    from uniql_jax.paths import InputError
 
     rates = [float(r) for r in args.rates.split(",")]
     rows = []
@@ -92,7 +75,7 @@ def importance(args) -> dict:
         try:
             row = importance_row(name, rates, calib_samples=args.calib_samples, seq_len=args.seq_len,
                                  eval_tokens=args.eval_tokens, seed=args.seed)
-        except common.UsageError as e:
+        except InputError as e:
             print(f"skipping {name}: {e}", flush=True)
             continue
         rows.append(row)
@@ -101,36 +84,9 @@ def importance(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- MoDeGPT comparison
-def modegpt_rebuild(C_FxF: np.ndarray, W_down_FxD: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """MoDeGPT type-I (MLP) compression at one rate: keep channels `kept` and rebuild down_proj
-    as the Nyström least-squares fit (S_kᵀ C S_k)⁺ S_kᵀ C W_d [k, D], in float64."""
-    C = C_FxF.astype(np.float64)
-    C_kk = C[np.ix_(kept, kept)]
-    return np.linalg.pinv(C_kk, hermitian=True) @ (C[kept] @ W_down_FxD.astype(np.float64))
-
-
-def output_error(C, W_down, kept, W_new) -> float:
-    """‖X W_d − X_k W'‖² / ‖X W_d‖² through C = XᵀX/N (float64)."""
-    C = C.astype(np.float64)
-    W = W_down.astype(np.float64)
-    E = -W.copy()
-    E[kept] += W_new
-    return float(np.sum(E * (C @ E)) / np.sum(W * (C @ W)))  # BLAS products (a plain 3-operand einsum loops in C)
-
-
-def synthetic_mlp(F: int, D: int, seed: int):
-    """A correlation of F activations with a spread of scales and correlations, and W_d [F, D]."""
-    rng = np.random.default_rng(seed)
-    n = 2 * F
-    mix = rng.standard_normal((F, F)).astype(np.float32) / np.sqrt(F)
-    X = (rng.standard_normal((n, F)).astype(np.float32) @ (np.eye(F, dtype=np.float32) + mix))
-    X *= np.exp(rng.uniform(-3, 1, F)).astype(np.float32)
-    C = X.T @ X / n
-    return C, (0.02 * rng.standard_normal((F, D))).astype(np.float32)
-
-
 def modegpt(args) -> dict:
     from uniql_jax.compress import lowrank
+    from uniql_jax.compress.modegpt import modegpt_rebuild, output_error, synthetic_mlp
 
     rates = [float(r) for r in args.rates.split(",")]
     lowrank.ridge_leverage(np.eye(8, dtype=np.float32))  # imports and first-call setup outside the timings
@@ -182,12 +138,12 @@ def modegpt(args) -> dict:
 
 # ----------------------------------------------------------------------------- Llama-3.1-8B layer shapes
 def llama8b_config(layers: int):
-    from uniql_jax.config import AttentionBlock, MLPBlock, ModelConfig
+    """The first `layers` layers of Llama-3.1-8B's shape (vocab 256: the embedding is not what is measured)."""
+    from benchmarks.benchmark import SHAPES
+    from uniql_jax.config import layout_config
 
-    blocks = tuple(b for i in range(layers) for b in (AttentionBlock(i, 64, 0, 128), MLPBlock(i, 14336)))
-    return ModelConfig(arch="llama", vocab_size=256, hidden_size=4096, blocks=blocks, num_heads=32, num_kv_heads=8,
-                       head_dim=128, rotary_dim=128, rope_theta=500000.0, intermediate_size=14336,
-                       max_position_embeddings=8192)
+    _, shape = SHAPES["llama3_8b"]
+    return layout_config("llama", **{**shape, "layers": layers, "vocab_size": 256, "max_position_embeddings": 8192})
 
 
 def layer8b(args) -> dict:
@@ -240,7 +196,7 @@ def layer8b(args) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_sorting", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_sorting", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("importance")
     p.add_argument("--models", default="stories260K,llama,mamba2,nemotron_h,bamba,qwen2")

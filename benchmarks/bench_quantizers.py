@@ -15,7 +15,7 @@ Perplexity on the held-out TinyStories part (``uq.perplexity``), calibration win
 the training part, as ``experiments.compress`` does. Storage bits per weight are measured
 from the arrays (``packed.bits_per_weight``, ``packed.deployed_bytes``).
 
-    python -m experiments.bench_quantizers [--models default-llama,stories260K] [--bits 3,4]
+    python -m benchmarks.bench_quantizers [--models default-llama,stories260K] [--bits 3,4]
         [--steps 200] [--out benchmarks/cpu-quantizers.json]
 
 Writes the JSON and a markdown table beside it (same name, ``.md``).
@@ -24,7 +24,6 @@ Writes the JSON and a markdown table beside it (same name, ``.md``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -33,35 +32,22 @@ import platform
 import time
 from pathlib import Path
 
+from benchmarks.common import cached_tokens
 from experiments import common
+from uniql_jax.paths import DEFAULTS, STORIES260K
 
 log = logging.getLogger("bench_quantizers")
-TOKEN_CACHE = Path(os.environ.get("UNIQL_TOKEN_CACHE", "/tmp/uniql_tokens"))
 METHODS = ("rtn", "gptq", "uniquan")
 
 
 def available_models() -> dict[str, tuple[str, str]]:
     """{name: (arch, source)}: every trained default that exists, then stories260K."""
     models = {}
-    for folder in sorted(common.DEFAULTS.glob("*/config.json")):
+    for folder in sorted(DEFAULTS.glob("*/config.json")):
         models[f"default-{folder.parent.name}"] = (folder.parent.name, str(folder.parent))
-    if (common.STORIES260K / "stories260K.bin").is_file():
-        models["stories260K"] = ("llama", str(common.STORIES260K / "stories260K.bin"))
+    if (STORIES260K / "stories260K.bin").is_file():
+        models["stories260K"] = ("llama", str(STORIES260K / "stories260K.bin"))
     return models
-
-
-def cached_tokens(source: str, tokenizer, part: str):
-    """The TinyStories token stream of one tokenizer, cached under /tmp (the llama2.c tokenizer is slow)."""
-    import numpy as np
-
-    key = hashlib.sha1(f"{Path(source).resolve()}|{common.TINYSTORIES}|{part}".encode()).hexdigest()[:16]
-    path = TOKEN_CACHE / f"{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    tokens = common.token_source(None, tokenizer, part)
-    TOKEN_CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, tokens)
-    return tokens
 
 
 def storage(cfg, params) -> dict:
@@ -97,35 +83,19 @@ def storage(cfg, params) -> dict:
             "embed_bpw": formats.bits_per_weight([params["embed"]]) if qarray.is_qarray(params["embed"]) else 16.0}
 
 
-def to_bcq_planes(params):
-    """Every uniform linear weight (QArray, not the embedding) as the BCQArray with the same values."""
-    from uniql_jax.quant.formats import bcq, qarray
-
-    conv = lambda b: {k: bcq.from_uniform(v) if qarray.is_qarray(v) else v for k, v in b.items()}  # noqa: E731
-    out = {**params, "blocks": [conv(b) for b in params["blocks"]]}
-    if qarray.is_qarray(params.get("lm_head")):
-        out["lm_head"] = bcq.from_uniform(params["lm_head"])
-    return out
-
-
-def array_layout(tree):
-    """The shapes and dtypes of a params tree (packed formats and their static fields included)."""
-    import jax
-
-    return jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: tree))
-
-
 def bench_model(name, arch, source, args) -> dict:
     import jax
 
     import uniql_jax as uq
     from uniql_jax import data
     from uniql_jax.compress.allocate import default_steps, param_count
+    from uniql_jax.pipeline import load_model
+    from uniql_jax.quant.layout import array_layout, to_bcq_planes
     from uniql_jax.quant.quantize import allocation_steps
     from uniql_jax.quant.uniquan_driver import nested_planes
 
     t_model = time.perf_counter()
-    cfg, params, tokenizer, _ = common.load_model(arch, source)
+    cfg, params, tokenizer, _ = load_model(arch, source)
     calib_stream = cached_tokens(source, tokenizer, "train")
     eval_tokens = cached_tokens(source, tokenizer, "heldout")
     calib = data.calibration_windows(calib_stream, args.calib_samples, args.seq_len, seed=args.seed)
@@ -215,19 +185,21 @@ def llama_31_8b_storage(bits_list, table_rates) -> dict:
     import jax
 
     import uniql_jax as uq
+    from benchmarks.bench_quantization import LLAMA_31_8B
     from converters import hf
-    from experiments import bench_quantization as bq
     from uniql_jax.compress.allocate import default_steps
+    from uniql_jax.compress.prune import abstract_params
     from uniql_jax.quant.formats import packed
+    from uniql_jax.quant.layout import quantized_layout, to_bcq_planes
     from uniql_jax.quant.quantize import allocation_steps
 
-    cfg = hf.config_from_hf(bq.LLAMA_31_8B, "Llama-3.1-8B config.json")
+    cfg = hf.config_from_hf(LLAMA_31_8B, "Llama-3.1-8B config.json")
     table = uq.allocate(cfg, None, None, table_rates, method="uniform",
                         steps=allocation_steps(cfg, 128, default_steps(cfg)))
     top = max(table_rates)
-    row = {"rate": top, "fp16_0": packed.deployed_bytes(bq.abstract_params(cfg)), "formats": []}
+    row = {"rate": top, "fp16_0": packed.deployed_bytes(abstract_params(cfg)), "formats": []}
     for bits in sorted(bits_list, reverse=True):
-        uniform = bq.quantized_layout(cfg, table, bits=bits, group_size=128)
+        uniform = quantized_layout(cfg, table, bits=bits, group_size=128)
         for name, tree in (("uniform", uniform), ("bcq", jax.eval_shape(to_bcq_planes, uniform))):
             pruned = jax.eval_shape(lambda t: uq.prune(cfg, t, top, table)[1], tree)
             row["formats"].append({"format": name, "bits": bits, "bytes_0": packed.deployed_bytes(tree),
@@ -322,7 +294,7 @@ def markdown(result: dict) -> str:
 def parse_args(argv=None):
     from experiments.compress import DEFAULT_RATES
 
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_quantizers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_quantizers", description=__doc__.split("\n")[0])
     p.add_argument("--models", help="comma-separated names (default: all of " + ", ".join(available_models()) + ")")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="rtn, gptq, uniquan; name@G requests group G (e.g. gptq@32: about BCQ's storage at g=128)")
