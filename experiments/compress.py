@@ -9,6 +9,11 @@ evaluation) through `datasets`; the embedded defaults calibrate on TinyStories.
 
 Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (API.md).
 Nothing is left in --out when a stage fails.
+
+Across processes / hosts (docs/distributed.md): the same command on every process, plus
+--coordinator HOST:PORT --num-processes N --process-id I (or nothing under Slurm / Open MPI /
+a TPU pod: detected); calibration and evaluation run over the global mesh, process 0 prints
+and writes --out, the others wait for it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 from pathlib import Path
 
 from experiments import common
+from uniql_jax import distributed
 from uniql_jax.paths import user_path
 
 DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
@@ -64,6 +70,7 @@ def build_parser():
                    help="evaluate on the first N windows of --eval only (default 0: all of it)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
     common.add_task_args(p)  # --tasks ...: lm-eval accuracy per rate into report.json / report.png
+    distributed.add_flags(p)  # --coordinator / --num-processes / --process-id / --model-axis
     return p
 
 
@@ -126,8 +133,14 @@ def text_tokens(args, flag: str, tokenizer, split: str, part: str):
 
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    rates, out = check_args(args)
     common.setup_logging()
+    distributed.initialize_from_args(args)  # before any JAX work; nothing to do for one process
+    distributed.use_mesh(distributed.global_mesh(args.model_axis))
+    main = distributed.is_main()
+    if not main:  # one voice: process 0 logs, prints and writes
+        for name in ("compress", "uniql_jax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    rates, out = check_args(args)
     tasks = common.load_tasks(args) if args.tasks else None  # unknown / unreachable task: fails before any work
 
     import uniql_jax as uq
@@ -185,6 +198,9 @@ def run(argv=None) -> Path:
         with timer.stage("accuracy"):
             report["accuracy"] = common.accuracy_report(uq.checkpoint.ElasticModel(cfg, params, table), tokenizer,
                                                         rates, *tasks, args, log=log.info)
+    if not main:
+        distributed.barrier("compress: output written")  # process 0 writes --out; a failure there ends us too
+        return out
     print_table(report)
     if tasks:
         print(common.accuracy_table(report["accuracy"]["rates"]))
@@ -197,6 +213,7 @@ def run(argv=None) -> Path:
         meta["eval_source"] = args.eval  # None: the held-out TinyStories default
         uq.save(tmp / "checkpoint", cfg, params, table=table, meta=meta)
     log.info("wrote %s", out)
+    distributed.barrier("compress: output written")
     return out
 
 

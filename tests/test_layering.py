@@ -19,7 +19,7 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
    `pallas_kernels.rope.reference` and the models call it.
    (`quant.bcq` still holds the BCQ fitting algorithms beside the format; they import
    nothing above the formats.)
-1  models and what runs them: `uniql_jax.models.*`, `uniql_jax.inference`, `uniql_jax.eval`,
+1  models and what runs them: `uniql_jax.models.*`, `uniql_jax.inference`, `uniql_jax.eval`, `uniql_jax.distributed`,
    `uniql_jax.data`.
 2  algorithms: `uniql_jax.compress.*`, every other `uniql_jax.quant.*` module (the pure
    cores `rtn`, `gptq`, `uniquan`, `hadamard`, the shared calibration plan `quant.plan` and
@@ -51,6 +51,7 @@ LAYERS = {
     "uniql_jax.config": 0, "uniql_jax.paths": 0, "uniql_jax.quant": 0, **{m: 0 for m in FORMATS},
     "pallas_kernels": 0,
     "uniql_jax.models": 1, "uniql_jax.inference": 1, "uniql_jax.eval": 1, "uniql_jax.data": 1,
+    "uniql_jax.distributed": 1,
     "uniql_jax.compress": 2, "uniql_jax.quant.": 2, "uniql_jax.finetune": 2,
     "uniql_jax.checkpoint": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax": 3,
     "experiments": 4, "benchmarks": 4,

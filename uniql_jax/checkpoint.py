@@ -614,7 +614,13 @@ def save(path, cfg: ModelConfig, params, *, table: dict | None = None, meta: dic
     path.mkdir(parents=True, exist_ok=True)
     data_name = f"{DATA_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     t1 = time.perf_counter()
-    ocp.PyTreeCheckpointer(use_compression=compress).save(path / data_name, storage, save_args=save_args)
+    if jax.process_count() > 1:  # one writer (this process; every process holds the same host values)
+        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress, multiprocessing_options=only_me),
+                         multiprocessing_options=only_me).save(path / data_name, storage, save_args=save_args)
+    else:
+        ocp.PyTreeCheckpointer(use_compression=compress).save(path / data_name, storage, save_args=save_args)
     t2 = time.perf_counter()
     body = {
         "data": data_name,
