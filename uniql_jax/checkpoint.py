@@ -768,7 +768,7 @@ def load(path, rate=None, *, verify: bool = True, device=None) -> tuple[ModelCon
             if crc32(x) != want:
                 raise CheckpointError(f"checkpoint {info.path} is corrupted: array {key} fails its CRC-32 "
                                       "recorded at save time")
-    placed = jax.device_put(raw, device or jax.devices()[0])  # one batched host -> device transfer
+    placed = jax.device_put(raw, device or jax.local_devices()[0])  # one batched host -> device transfer (this process's)
     params = map_raw(lambda k, _: placed[k], target)
     log.info("loaded %s at rate %s: manifest %.2fs, restore %.2fs, verify %.2fs", info.path, rate,
              t1 - t0, t2 - t1, time.perf_counter() - t2)

@@ -219,8 +219,8 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, spec=PartitionSpec(DATA)) -
 def put(value, sharding: NamedSharding) -> jax.Array:
     """A global array from a value every process holds whole (e.g. evaluation windows every process
     read): each process transfers only the slices of its own devices."""
-    if not is_multiprocess(sharding.mesh):
-        return jax.device_put(value, sharding)
+    if not is_multiprocess(sharding.mesh) or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+        return jax.device_put(value, sharding)  # one process, or already global: a (re)sharding
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
@@ -322,6 +322,13 @@ def weight_spec(name: str, shape: tuple[int, ...], n_model: int, *, min_size: in
     for axis in candidates:
         if shape[axis] % n_model == 0 and shape[axis] >= n_model:
             return PartitionSpec(*([None] * axis + [MODEL]))
+    return PartitionSpec()
+
+
+def stat_spec(shape: tuple[int, ...], n_model: int) -> PartitionSpec:
+    """A calibration statistic (e.g. a Hessian [Din, Din]) over "model": by rows when they divide."""
+    if n_model > 1 and len(shape) >= 2 and shape[0] % n_model == 0:
+        return PartitionSpec(MODEL)
     return PartitionSpec()
 
 
