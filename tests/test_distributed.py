@@ -247,3 +247,26 @@ def test_a_dead_process_fails_the_job_without_a_checkpoint(tmp_path, compile_cac
     assert not list(tmp_path.rglob("uniql.json")), "a checkpoint manifest was written"
     print(f"\nprocess 0 failed {failed_after:.1f} s after process 1 was killed (heartbeat {heartbeat} s); "
           f"last line: {err.strip().splitlines()[-1][:300]}")
+
+
+@pytest.mark.slow
+def test_two_processes_compress_smollm2_bit_identical(tmp_path, compile_cache):
+    """SmolLM2-135M (GGUF, 30 layers) compressed on 2 processes x 2 devices and on 1 process x 4 devices,
+    a few short calibration windows: the same table, bit-identical arrays and perplexities."""
+    if not SMOLLM2.is_file():
+        pytest.fail(f"{SMOLLM2} is required by this test")
+    stories = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_valid_900.txt"
+    args = ["--model", str(SMOLLM2), "--calib", str(stories), "--eval", str(stories), "--calib-samples", "4",
+            "--seq-len", "32", "--rates", "0,0.25", "--eval-windows", "4", "--quantizer", "gptq"]
+    walls = {}
+    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+        walls[name] = run_job("experiments.compress", args + ["--out", str(tmp_path / name)], processes=processes,
+                              devices=devices, log_dir=tmp_path / f"logs-{name}", timeout=3000, cache=compile_cache)
+    info_a, raw_a, rep_a = load_run(tmp_path / "one")
+    info_b, raw_b, rep_b = load_run(tmp_path / "two")
+    assert info_a.table == info_b.table
+    differ = [k for k in raw_a if not np.array_equal(raw_a[k], raw_b[k])]
+    assert not differ, f"arrays not bit-identical: {differ[:10]}"
+    assert ppl_rows(rep_a) == ppl_rows(rep_b)
+    print(f"\nSmolLM2 compress wall time: 1 process x 4 devices {walls['one']:.0f} s (cold compile cache), "
+          f"2 processes x 2 devices {walls['two']:.0f} s (warm)")

@@ -332,14 +332,17 @@ def stat_spec(shape: tuple[int, ...], n_model: int) -> PartitionSpec:
     return PartitionSpec()
 
 
-def param_shardings(params, mesh: Mesh, *, min_size: int = 0):
-    """NamedSharding per leaf of a (block's) params: `weight_spec` over "model", replicated over "data"."""
-    n_model = mesh.shape.get(MODEL, 1)
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    treedef = jax.tree_util.tree_structure(params)
-    specs = [NamedSharding(mesh, weight_spec(jax.tree_util.keystr(p), tuple(np.shape(x)), n_model, min_size=min_size))
-             for p, x in paths]
+def param_specs(params, n_model: int, *, min_size: int = 0):
+    """PartitionSpec per leaf of a (block's) params: `weight_spec` over "model" (replicated over "data")."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    specs = [weight_spec(jax.tree_util.keystr(p), tuple(np.shape(x)), n_model, min_size=min_size) for p, x in paths]
     return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def param_shardings(params, mesh: Mesh, *, min_size: int = 0):
+    """NamedSharding per leaf of a (block's) params on `mesh` (`param_specs`)."""
+    specs = param_specs(params, mesh.shape.get(MODEL, 1), min_size=min_size)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def put_params(params, mesh: Mesh, *, min_size: int = 0):
@@ -357,12 +360,21 @@ def put_params(params, mesh: Mesh, *, min_size: int = 0):
 # ----------------------------------------------------------------------------- memory (abstract)
 
 
-def bytes_per_device(abstract_tree, shardings) -> int:
-    """Bytes one device holds of a pytree of ShapeDtypeStructs placed by `shardings` (no allocation)."""
+def bytes_per_device(abstract_tree, specs, axis_sizes: dict[str, int]) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs laid out by PartitionSpecs `specs`
+    (a pytree of the same structure, or one spec for all) on a mesh of `axis_sizes` ({"data": 8,
+    "model": 8}); nothing is allocated, no device is needed (the 70B sizing of docs/distributed.md)."""
+    leaves = jax.tree.leaves(abstract_tree)
+    spec_leaves = ([specs] * len(leaves) if isinstance(specs, PartitionSpec)
+                   else jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
     total = 0
-    for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-        shard = s.shard_shape(a.shape)
-        total += math.prod(shard) * np.dtype(a.dtype).itemsize
+    for a, spec in zip(leaves, spec_leaves, strict=True):
+        shape = list(a.shape)
+        for dim, names in enumerate(spec):
+            for name in (names if isinstance(names, tuple) else (names,)):
+                if name is not None:
+                    shape[dim] = -(-shape[dim] // axis_sizes.get(name, 1))
+        total += math.prod(shape) * np.dtype(a.dtype).itemsize
     return total
 
 
