@@ -91,9 +91,9 @@ def run(argv=None):
         log.info("rate %.2f: perplexity %.4f", r, ppl)
     compiles = blockwise_nll.compiles() - before
     log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
-    if not distributed.is_main():
-        pass
-    elif args.json:
+    if not distributed.is_main():  # process 0 prints
+        return rows, compiles
+    if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"{'rate':>6} {'ppl':>10} {'params':>10} {'MB':>8}")
