@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from experiments import common
+from uniql_jax import distributed
 from uniql_jax.paths import user_path
 
 DEFAULT_RATES = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35"
@@ -69,6 +70,7 @@ def build_parser():
                    help="evaluate on the first N windows of --eval only (default 0: all of it)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and fine-tuning (default 0)")
     common.add_task_args(p)  # --tasks ...: lm-eval accuracy per rate into report.json / report.png
+    distributed.add_flags(p)  # --coordinator / --num-processes / --process-id / --model-axis
     return p
 
 
@@ -128,8 +130,14 @@ def pipeline_config(args, rates):
 
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    rates, out = check_args(args)
     common.setup_logging()
+    distributed.initialize_from_args(args)  # before any JAX work; nothing to do for one process
+    distributed.use_mesh(distributed.global_mesh(args.model_axis))
+    main = distributed.is_main()
+    if not main:  # one voice: process 0 logs, prints and writes
+        for name in ("compress", "uniql_jax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    rates, out = check_args(args)
     tasks = common.load_tasks(args) if args.tasks else None  # unknown / unreachable task: fails before any work
 
     import uniql_jax as uq
@@ -138,6 +146,9 @@ def run(argv=None) -> Path:
     config = pipeline_config(args, rates)
     inputs = pipeline.load_inputs(config)
     cfg, params, table, report = pipeline.compress(config, inputs, tasks=tasks)
+    if not main:
+        distributed.barrier("compress: output written")  # process 0 writes --out; a failure there ends us too
+        return out
     print_table(report)
     if tasks:
         print(accuracy.accuracy_table(report["accuracy"]["rates"]))
@@ -147,6 +158,7 @@ def run(argv=None) -> Path:
         pipeline.save_tokenizer(inputs.tokenizer, tmp / "tokenizer")
         uq.save(tmp / "checkpoint", cfg, params, table=table, meta=pipeline.checkpoint_meta(report, inputs.eval_spec))
     log.info("wrote %s", out)
+    distributed.barrier("compress: output written")
     return out
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from experiments import common
+from uniql_jax import distributed
 from uniql_jax.paths import user_path
 
 log = logging.getLogger("evaluate")
@@ -37,12 +38,17 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print the rates list as JSON on stdout instead of a table")
     common.add_task_args(p)
     p.add_argument("--out", help="with --tasks: folder for accuracy.json and accuracy.png (default: the run folder)")
+    distributed.add_flags(p)  # every process loads the checkpoint; process 0 prints and writes
     return p
 
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
     common.setup_logging()
+    distributed.initialize_from_args(args)  # before any JAX work; nothing to do for one process
+    distributed.use_mesh(distributed.global_mesh(args.model_axis))
+    if not distributed.is_main():
+        logging.getLogger("evaluate").setLevel(logging.WARNING)
     from uniql_jax import checkpoint, data, pipeline
 
     run_dir, ckpt = pipeline.checkpoint_dir(args.ckpt)
@@ -62,6 +68,8 @@ def run(argv=None):
         tokens = tokens[: eval_windows * seq_len]
     rows, compiles = pipeline.checkpoint_perplexity(ckpt, rates, tokens, seq_len=seq_len, batch_size=args.batch_size)
     log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
+    if not distributed.is_main():  # process 0 prints
+        return rows, compiles
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -89,6 +97,8 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     rows, compiles = result["rates"], sum(result["compiles"].values())
     log.info("%d rates x %d tasks in %.0f s; %d compiled scoring programs (per bucket length: %s)", len(rates),
              len(names), time.perf_counter() - start, compiles, result["compiles"])
+    if not distributed.is_main():  # process 0 writes and prints
+        return rows, compiles
     out.mkdir(parents=True, exist_ok=True)
     common.write_json(out / "accuracy.json", result)
     common.save_accuracy_plot(rows, out / "accuracy.png", title=f"{run_dir.name}: lm-eval accuracy")

@@ -19,6 +19,7 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
    never imports a model; the pure RoPE reference lives in `pallas_kernels.rope.reference`
    and the models call it.
 1  models and what runs them: `uniql_jax.models.*`, `uniql_jax.inference`, `uniql_jax.eval`,
+   `uniql_jax.distributed` (runtime start-up, meshes, global batches, ordered sums),
    `uniql_jax.data`.
 2  algorithms: `uniql_jax.compress.*`, every other `uniql_jax.quant.*` module (the pure
    cores `rtn`, `gptq`, `uniquan`, `bcq_fit`, `hadamard`, the shared calibration plan `quant.plan` and
@@ -53,6 +54,7 @@ LAYERS = {
     "uniql_jax.config": 0, "uniql_jax.paths": 0, "uniql_jax.quant": 0, **{m: 0 for m in FORMATS},
     "pallas_kernels": 0,
     "uniql_jax.models": 1, "uniql_jax.inference": 1, "uniql_jax.eval": 1, "uniql_jax.data": 1,
+    "uniql_jax.distributed": 1,
     "uniql_jax.compress": 2, "uniql_jax.quant.": 2, "uniql_jax.finetune": 2,
     "uniql_jax.checkpoint": 3, "uniql_jax.elastic": 3, "converters": 3, "uniql_jax.harness": 3, "uniql_jax.accuracy": 3,
     "uniql_jax.pipeline": 3, "uniql_jax.tiny": 3, "uniql_jax": 3,

@@ -21,14 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from uniql_jax import distributed
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.layers import rms_norm
 from uniql_jax.models.stacks import bind, bind_block, block_key, embed_lookup, head_logits
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named "data" over all local devices (or the given ones)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
+    """A 1-D mesh named "data" over the given devices; default: the mesh `distributed.use_mesh` set,
+    else every device of every process (for one process: all local devices)."""
+    if devices is None:
+        return distributed.default_mesh()
+    return Mesh(np.asarray(devices), ("data",))
 
 
 def windows(tokens, seq_len: int) -> np.ndarray:
@@ -179,7 +183,7 @@ def window_nll_sums(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_siz
     fill = (-n) % per_step
     padded = np.concatenate([wins, np.repeat(wins[:1], fill, axis=0)]) if fill else wins
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+    params = distributed.put_params(params, mesh)  # replicated over "data", weights sharded over "model" if any
     steps = range(0, len(padded), per_step)
     if progress is None:
         progress = len(steps) > 20
@@ -189,9 +193,9 @@ def window_nll_sums(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_siz
         steps = tqdm(steps, desc=f"perplexity ({n} windows of {seq_len})", unit="step", leave=False)
     sums = []
     for s in steps:
-        batch = jax.device_put(padded[s:s + per_step], batch_sharding)
+        batch = distributed.put(padded[s:s + per_step], batch_sharding)
         sums.append(blockwise_nll(cfg, params, batch, impl=impl, masks=masks))  # async: host waits only at the end
-    return np.concatenate([np.asarray(x) for x in sums])[:n]
+    return np.concatenate([distributed.to_host(x) for x in sums])[:n]  # across processes: an all-gather
 
 
 def perplexity(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_size: int = 4, impl: str = "xla",

@@ -57,6 +57,7 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
+from uniql_jax import distributed
 from uniql_jax.eval import data_mesh
 from uniql_jax.inference import forward
 
@@ -160,7 +161,7 @@ class UniQLM(TemplateLM):
     # ----- model -----------------------------------------------------------------------------
     def _set_model(self, cfg, params):
         self.cfg = cfg
-        self.params = jax.device_put(params, self._replicated)
+        self.params = distributed.put_params(params, self.mesh)  # replicated over "data"
 
     def set_rate(self, rate):
         """Switch the checkpoint's model to a stored rate in-process (ckpt= / elastic= only)."""
@@ -175,7 +176,8 @@ class UniQLM(TemplateLM):
     def _run(self, fn, T: int, *arrays):
         """fn(cfg, params, *arrays) with the rows split over the mesh; compilations counted per bucket."""
         before = fn._cache_size()
-        out = fn(self.cfg, self.params, *(jax.device_put(a, self._rows) for a in arrays))
+        out = fn(self.cfg, self.params, *(distributed.put(a, self._rows) for a in arrays))
+        out = distributed.to_host(out)  # across processes: an all-gather, every process gets every row
         self.compiles[T] += fn._cache_size() - before
         self.batches[T] += 1
         return out

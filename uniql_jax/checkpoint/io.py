@@ -113,7 +113,13 @@ def save(path, cfg: ModelConfig, params, *, table: dict | None = None, meta: dic
     path.mkdir(parents=True, exist_ok=True)
     data_name = f"{DATA_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     t1 = time.perf_counter()
-    ocp.PyTreeCheckpointer(use_compression=compress).save(path / data_name, storage, save_args=save_args)
+    if jax.process_count() > 1:  # one writer (this process; every process holds the same host values)
+        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress, multiprocessing_options=only_me),
+                         multiprocessing_options=only_me).save(path / data_name, storage, save_args=save_args)
+    else:
+        ocp.PyTreeCheckpointer(use_compression=compress).save(path / data_name, storage, save_args=save_args)
     t2 = time.perf_counter()
     body = {
         "data": data_name,
@@ -261,7 +267,7 @@ def load(path, rate=None, *, verify: bool = True, device=None) -> tuple[ModelCon
             if crc32(x) != want:
                 raise CheckpointError(f"checkpoint {info.path} is corrupted: array {key} fails its CRC-32 "
                                       "recorded at save time")
-    placed = jax.device_put(raw, device or jax.devices()[0])  # one batched host -> device transfer
+    placed = jax.device_put(raw, device or jax.local_devices()[0])  # one batched host -> device transfer (this process's)
     params = map_raw(lambda k, _: placed[k], target)
     log.info("loaded %s at rate %s: manifest %.2fs, restore %.2fs, verify %.2fs", info.path, rate,
              t1 - t0, t2 - t1, time.perf_counter() - t2)

@@ -6,7 +6,17 @@ is kept on the host ([N, T, D] float32); each block then streams it in batches,
 so accelerator memory is bounded by one batch through one block. For every
 batch a jitted, data-parallel step computes the block's update and its
 statistics; statistics are sums in float32, reduced across the devices of a
-`data` mesh with `psum` (exact, so results do not depend on the device count).
+`data` mesh (exact collective sums, so results do not depend on the device count beyond
+float reassociation); the reduction adds in a fixed order (``distributed.ordered_psum``),
+so they do not depend at all on how those devices are spread over processes.
+
+Across processes (``uniql_jax.distributed``) the mesh is global: each process embeds and
+streams only its own share of the windows (``distributed.process_rows``: its data shards of
+every step, so the per-device batches are those of one process with as many devices), the
+statistics are summed over every device of every process, and the last-token / final
+residuals are all-gathered at the end: every process gets the same result. A mesh with a
+``model`` axis shards each block's weights over it (``distributed.put_params``);
+``shard_map`` is then manual over ``data`` only and XLA partitions the block over ``model``.
 
 A *collector* says what a block kind contributes:
 
@@ -28,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from uniql_jax import distributed
 from uniql_jax.config import BlockConfig, ModelConfig
 from uniql_jax.eval import data_mesh
 from uniql_jax.models.stacks import bind_block, block_key, embed_lookup  # noqa: F401 (bind_block: re-export)
@@ -54,13 +65,33 @@ def _block_step(cfg: ModelConfig, blk: BlockConfig, collect: Callable, mesh):
         B, T = x_BxTxD.shape[:2]
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         stats = collect(cfg, blk, module, x_BxTxD, positions, w_B)
-        stats = jax.tree.map(lambda s: jax.lax.psum(s.astype(F32), "data"), stats)
+        # a fixed-order sum over "data": the same bits on 1 process x 4 devices as on 2 x 2
+        stats = distributed.ordered_psum(jax.tree.map(lambda s: s.astype(F32), stats), "data", mesh.shape["data"])
         update, _ = module(x_BxTxD, positions, None, None, "xla")
         return stats, x_BxTxD + update.astype(x_BxTxD.dtype)
 
     data, rep = PartitionSpec("data"), PartitionSpec()
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(rep, data, data), out_specs=(rep, data), check_vma=False)
-    return jax.jit(sharded)
+    # other mesh axes ("model") stay automatic: XLA partitions the block over the weights' shardings
+    manual = {"data"} if len(mesh.axis_names) > 1 else frozenset()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(rep, data, data), out_specs=(rep, data), check_vma=False,
+                            axis_names=manual)
+    n_model = mesh.shape.get("model", 1)
+    if n_model == 1:
+        return jax.jit(sharded, out_shardings=(NamedSharding(mesh, rep), NamedSharding(mesh, data)))
+    # with a "model" axis the statistics (Hessians [Din, Din]: 3.3 GB for a 70B down_proj) are sharded
+    # over it too, by rows; their structure is known once traced, one program per params structure
+    programs = {}
+
+    def step(block_params, x, w):
+        key = jax.tree.structure(block_params)
+        if key not in programs:
+            stats_shape = jax.eval_shape(sharded, block_params, x, w)[0]
+            stat_shardings = jax.tree.map(
+                lambda a: NamedSharding(mesh, distributed.stat_spec(a.shape, n_model)), stats_shape)
+            programs[key] = jax.jit(sharded, out_shardings=(stat_shardings, NamedSharding(mesh, data)))
+        return programs[key](block_params, x, w)
+
+    return step
 
 
 def embed_windows(cfg: ModelConfig, params: dict, calib) -> np.ndarray:
@@ -92,22 +123,29 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
     """
     collectors = collectors or {}
     mesh = mesh or data_mesh()
-    ndev = mesh.devices.size
+    ndev = distributed.data_size(mesh)
     t0 = time.perf_counter()
-    x_NxTxD = embed_windows(cfg, params, calib)
-    N = x_NxTxD.shape[0]
+    tokens = np.asarray(calib, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"calibration tokens must be int32 [N, T], got shape {tokens.shape}")
+    N = tokens.shape[0]
     per_step = max(batch_size, ndev) // ndev * ndev
     pad = (-N) % per_step
-    if pad:
-        x_NxTxD = np.concatenate([x_NxTxD, np.zeros((pad,) + x_NxTxD.shape[1:], np.float32)])
-    w_all = np.concatenate([np.ones(N, np.float32), np.zeros(pad, np.float32)])
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    rep_sharding = NamedSharding(mesh, PartitionSpec())
+    rows = distributed.process_rows(N + pad, per_step, mesh)  # this process's windows (all, for one process)
+    per_local = len(rows) // ((N + pad) // per_step)  # rows this process feeds per step
+    real = rows < N
+    x_NxTxD = np.zeros((len(rows),) + tokens.shape[1:] + (cfg.hidden_size,), np.float32)
+    if real.any():
+        x_NxTxD[real] = embed_windows(cfg, params, tokens[rows[real]])
+    w_all = real.astype(np.float32)
     timings = {"embed": time.perf_counter() - t0, "blocks": 0.0, "on_block": 0.0}
-    last_token = [x_NxTxD[:N, -1].copy()]
+    last_token = [x_NxTxD[:, -1].copy()]
+
+    def put_rows(a, s):
+        return distributed.global_batch(a[s:s + per_local], mesh)
 
     blocks = list(enumerate(cfg.blocks))
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         blocks = tqdm(blocks, desc=desc, unit="block")
@@ -116,31 +154,53 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
         collect = collectors.get(blk.kind, no_stats)
         # one compiled step serves all blocks of equal sizes (block_key)
         step = _block_step(*block_key(cfg, blk), collect, mesh)
-        block_params = jax.device_put(as_float32(params["blocks"][i]), rep_sharding)
+        block_params = distributed.put_params(as_float32(params["blocks"][i]), mesh)
         stats = None
         x_in = x_NxTxD.copy() if on_block is not None else None
-        for s in range(0, len(x_NxTxD), per_step):
-            x = jax.device_put(x_NxTxD[s:s + per_step], data_sharding)
-            w = jax.device_put(w_all[s:s + per_step], data_sharding)
-            batch_stats, x_out = step(block_params, x, w)
+        for s in range(0, len(x_NxTxD), per_local):
+            batch_stats, x_out = step(block_params, put_rows(x_NxTxD, s), put_rows(w_all, s))
             stats = batch_stats if stats is None else jax.tree.map(jnp.add, stats, batch_stats)
-            x_NxTxD[s:s + per_step] = np.asarray(x_out)
-        stats = dict(stats or {})
+            x_NxTxD[s:s + per_local] = distributed.local_rows(x_out)
+        stats = dict(distributed.to_host(stats or {}))
         stats["tokens"] = float(N * x_NxTxD.shape[1])
         t_visit = time.perf_counter()
         timings["blocks"] += t_visit - t_block
-        replaced = on_block(i, blk, jax.device_get(stats)) if on_block is not None else None
+        replaced = on_block(i, blk, stats) if on_block is not None else None
         timings["on_block"] += time.perf_counter() - t_visit
         if replaced is not None:
             propagate = _block_step(*block_key(cfg, blk), no_stats, mesh)
-            new_params = jax.device_put(as_float32(replaced), rep_sharding)
-            for s in range(0, len(x_in), per_step):
-                x = jax.device_put(x_in[s:s + per_step], data_sharding)
-                w = jax.device_put(w_all[s:s + per_step], data_sharding)
-                x_NxTxD[s:s + per_step] = np.asarray(propagate(new_params, x, w)[1])
-        last_token.append(x_NxTxD[:N, -1].copy())
+            new_params = distributed.put_params(as_float32(replaced), mesh)
+            for s in range(0, len(x_in), per_local):
+                x_NxTxD[s:s + per_local] = distributed.local_rows(propagate(new_params, put_rows(x_in, s),
+                                                                            put_rows(w_all, s))[1])
+        last_token.append(x_NxTxD[:, -1].copy())
     timings["total"] = time.perf_counter() - t0
-    out = {"last_token": np.stack(last_token), "timings_s": timings}
+    # every process: all windows, in window order (an all-gather across processes)
+    last = distributed.allgather_rows(np.stack(last_token, axis=1), rows)[:N]  # [N, n_blocks + 1, D]
+    out = {"last_token": np.ascontiguousarray(last.swapaxes(0, 1)), "timings_s": timings}
     if return_final:
-        out["final"] = x_NxTxD[:N]
+        out["final"] = distributed.allgather_rows(x_NxTxD, rows)[:N]
     return out
+
+
+def propagate_all(cfg: ModelConfig, blk: BlockConfig, block_params: dict, x_NxTxD: np.ndarray, *, batch_size: int,
+                  mesh) -> np.ndarray:
+    """Block outputs x + update of every window (host float32 [N, T, D], the same on every process),
+    data-parallel over `mesh`: each process runs its share, then all-gather (every process gets all)."""
+    ndev = distributed.data_size(mesh)
+    per_step = max(batch_size, ndev) // ndev * ndev
+    N = len(x_NxTxD)
+    pad = (-N) % per_step
+    rows = distributed.process_rows(N + pad, per_step, mesh)
+    per_local = len(rows) // ((N + pad) // per_step)
+    x_pad = np.concatenate([x_NxTxD, np.zeros((pad,) + x_NxTxD.shape[1:], np.float32)]) if pad else x_NxTxD
+    x_local = x_pad[rows]
+    w_local = (rows < N).astype(np.float32)
+    step = _block_step(*block_key(cfg, blk), no_stats, mesh)
+    params = distributed.put_params(as_float32(block_params), mesh)
+    out = np.empty_like(x_local)
+    for s in range(0, len(rows), per_local):
+        _, y = step(params, distributed.global_batch(x_local[s:s + per_local], mesh),
+                    distributed.global_batch(w_local[s:s + per_local], mesh))
+        out[s:s + per_local] = distributed.local_rows(y)
+    return distributed.allgather_rows(out, rows)[:N]

@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from uniql_jax.compress import calibration
 from uniql_jax.config import ModelConfig
@@ -84,21 +83,9 @@ def _shared_blk(blk):
 
 
 def propagate(cfg: ModelConfig, blk, block_params: dict, x_NxTxD: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
-    """Block outputs x + update for every window (host float32 [N, T, D]), data-parallel over `mesh`."""
-    step = calibration._block_step(cfg, _shared_blk(blk), calibration.no_stats, mesh)
-    ndev = mesh.devices.size
-    per_step = max(batch_size, ndev) // ndev * ndev
-    N = len(x_NxTxD)
-    pad = (-N) % per_step
-    x = np.concatenate([x_NxTxD, np.zeros((pad,) + x_NxTxD.shape[1:], np.float32)]) if pad else x_NxTxD
-    w_all = np.concatenate([np.ones(N, np.float32), np.zeros(pad, np.float32)])
-    data, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(calibration.as_float32(block_params), rep)
-    out = np.empty_like(x)
-    for s in range(0, len(x), per_step):
-        _, y = step(params, jax.device_put(x[s:s + per_step], data), jax.device_put(w_all[s:s + per_step], data))
-        out[s:s + per_step] = np.asarray(y)
-    return out[:N]
+    """Block outputs x + update for every window (host float32 [N, T, D]), data-parallel over `mesh`
+    (across processes too: every process gets every window's outputs)."""
+    return calibration.propagate_all(cfg, blk, block_params, x_NxTxD, batch_size=batch_size, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=64)
