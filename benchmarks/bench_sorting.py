@@ -5,8 +5,8 @@
     python -m benchmarks.bench_sorting layer8b [--layers 2] [--windows 4] [--seq-len 256]
 
 importance: perplexity at each rate for UniQL's order against a random channel order and a
-    weight-magnitude order, all pruned with the same block-influence allocation (UNIQL.md
-    "Stage 1" claims the sorted order matters; this measures it).
+    weight-magnitude order, all pruned with the same block-influence allocation (docs/method.md,
+    "Stage 1: MLP" claims the sorted order matters; this measures it).
 modegpt: UniQL's MLP sorting (one float32 ridge-leverage solve, then slicing) against a
     MoDeGPT-style rebuild (Lin et al. 2024: Nyström reconstruction of down_proj with an FP64
     pseudo-inverse, once per rate of the grid), on random MLPs of width F (hidden D = F / 4),

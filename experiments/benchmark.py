@@ -1,4 +1,4 @@
-"""`python -m experiments.benchmark` (the API.md spelling) runs the decode benchmark, benchmarks/benchmark.py.
+"""`python -m experiments.benchmark` (the docs/api.md spelling) runs the decode benchmark, benchmarks/benchmark.py.
 
 Every benchmark lives in benchmarks/ (``python -m benchmarks.benchmark`` is the same command);
 this module only keeps the documented command working.

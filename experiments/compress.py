@@ -7,7 +7,7 @@ With --model, the arch is read from the checkpoint (config.json's model_type or 
 architecture) and the data default to WikiText-2 (train for calibration, test for
 evaluation) through `datasets`; the embedded defaults calibrate on TinyStories.
 
-Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (API.md).
+Writes into --out: the Orbax checkpoint, the tokenizer, report.json and report.png (docs/api.md).
 Nothing is left in --out when a stage fails. The stages are the library's
 (``uniql_jax.pipeline.compress``); this module parses the flags, resolves paths and defaults,
 and writes the outputs.

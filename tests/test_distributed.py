@@ -1,4 +1,4 @@
-"""Compression and evaluation across processes (uniql_jax.distributed, DESIGN.md "Distributed").
+"""Compression and evaluation across processes (uniql_jax.distributed, docs/distributed.md).
 
 The multi-process tests start real jobs on localhost: N processes of
 `python -m experiments.compress` / `experiments.evaluate`, each with 2 CPU devices

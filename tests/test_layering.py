@@ -1,4 +1,4 @@
-"""The import graph of the source tree: no cycles, nothing imports upward (DESIGN.md "Layers").
+"""The import graph of the source tree: no cycles, nothing imports upward (the layer order below).
 
 Every module of uniql_jax/, pallas_kernels/, converters/, experiments/ and benchmarks/ is
 parsed with `ast` (nothing is imported), and every import it makes becomes an edge: module

@@ -1,6 +1,6 @@
 """uniql-jax: compress an LLM once into a 4-bit checkpoint prunable at load time (UniQL in JAX).
 
-The public API of ../shared/spec/API.md; re-exports only.
+The public API (docs/api.md); re-exports only.
 """
 
 from uniql_jax.checkpoint import load, save

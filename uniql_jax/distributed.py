@@ -1,4 +1,4 @@
-"""Runtime start-up and meshes across processes and hosts (DESIGN.md "Distributed").
+"""Runtime start-up and meshes across processes and hosts (docs/distributed.md).
 
 JAX's own runtime, nothing home-made: ``jax.distributed.initialize`` joins the processes
 (explicit ``--coordinator HOST:PORT --num-processes N --process-id I``, or what JAX

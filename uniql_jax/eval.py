@@ -1,7 +1,7 @@
 """Perplexity over non-overlapping windows, jitted and data-parallel over all local devices.
 
 ppl = exp(sum of next-token NLLs / number of predictions), where each window of
-T tokens contributes the T - 1 predictions of its tokens 2..T (API.md).
+T tokens contributes the T - 1 predictions of its tokens 2..T (docs/method.md, "Evaluation").
 
 Device independence: every device runs the same program on the same per-device
 batch shape [b, T] (b = `batch_size`, windows per device per step), each window's
@@ -200,7 +200,7 @@ def window_nll_sums(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_siz
 
 def perplexity(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_size: int = 4, impl: str = "xla",
                masks=None, mesh: Mesh | None = None, progress: bool | None = None) -> float:
-    """exp(mean NLL of tokens 2..T over non-overlapping windows of `seq_len`) (API.md).
+    """exp(mean NLL of tokens 2..T over non-overlapping windows of `seq_len`) (docs/method.md, "Evaluation").
 
     tokens: a 1-D int stream; the tail shorter than `seq_len` is dropped. Windows
     are split over the "data" axis of `mesh` (default: all local devices),

@@ -4,7 +4,7 @@
     inputs = load_inputs(config)                       # stage "convert": model, tokenizer, token streams
     cfg, params, table, report = compress(config, inputs)
 
-`compress` runs the stages of UniQL in order, each timed (``report["timings_s"]``, API.md):
+`compress` runs the stages of UniQL in order, each timed (``report["timings_s"]``, docs/api.md):
 sort (stage 1, ``compress.sort``), allocate the rate grid (stage 2; with a quantizer the
 rounding steps keep every kept input axis whole quantization groups), masked LoRA fine-tuning
 (optional), quantize once with the table, then the perplexity of every rate of the grid
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CompressConfig:
-    """Options of one compression run (the flags of ``python -m experiments.compress``, API.md).
+    """Options of one compression run (the flags of ``python -m experiments.compress``, docs/api.md).
 
     Data sources are a text file or a dataset id ``NAME[:CONFIG][@SPLIT]``; None is the default:
     `default_data`'s train / test split when set (the CLI sets WikiText-2 for a user's --model),
@@ -190,7 +190,7 @@ def uniform_table(cfg, rates, group_size: int | None = 128, steps: dict | None =
 
 def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None) -> tuple:
     """Run the pipeline -> (cfg, params, table, report): the sorted (fine-tuned, quantized) full-rank
-    model, its rate table and the report of API.md.
+    model, its rate table and the report of docs/api.md.
 
     inputs: what `load_inputs(config)` returns (loaded here when None; its time is stage "convert").
     tasks: (task names, lm_eval TaskManager) for lm-eval accuracy at every rate (report["accuracy"]).

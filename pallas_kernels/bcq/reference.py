@@ -16,7 +16,7 @@ def matmul(x: jax.Array, w: BCQArray) -> jax.Array:
 
     w: `BCQArray` of logical shape (Kin, N) along axis 0, k bit-planes:
     W[r, n] = sum_i alpha[g, i, n] * (2 bit_i[r, n] - 1) + offset[g, n], g = r // group_size
-    (UNIQUAN.md "Two formats"), rounded to x.dtype.
+    (docs/method.md, "UniQuan: formats"), rounded to x.dtype.
     """
     if w.ndim != 2 or w.axis != 0 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"expected a BCQArray (Kin={x.shape[-1]}, N) along axis 0, got {w}")

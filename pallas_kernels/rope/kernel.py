@@ -1,8 +1,8 @@
 """Fused RoPE for sorted / pruned heads (Pallas, Triton GPU backend or interpret mode).
 
 After UniQL sorts Q/K channels by pairs and prunes, head-dim pair p of kv head k no longer
-carries frequency theta_p: it carries inv_freq[pair_index[k, p]] (UNIQL.md, "Fused RoPE
-kernel"). One program handles a block of tokens and one kv head:
+carries frequency theta_p: it carries inv_freq[pair_index[k, p]] (docs/method.md, "Deployment",
+fused RoPE). One program handles a block of tokens and one kv head:
 
   1. gathers the head's frequencies inv_freq[pair_index[k, :]] in the kernel,
   2. builds cos/sin [BT, Pp] once from the tokens' positions,

@@ -36,7 +36,7 @@ def test_round_kept_and_default_steps():
                           MLPBlock(0, 14336)), num_heads=32, num_kv_heads=8, head_dim=128, rotary_dim=128,
                           intermediate_size=14336)
     steps = A.default_steps(llama8b)
-    assert (steps["width"], steps["qk_pairs"], steps["vo_rank"]) == (128, 8, 16)  # UNIQL.md's multiples
+    assert (steps["width"], steps["qk_pairs"], steps["vo_rank"]) == (128, 8, 16)  # method.md's steps
     mamba = ModelConfig(arch="mamba2", vocab_size=8, hidden_size=4096, blocks=(Mamba2Block(0, 128, 64),),
                         ssm_heads=128, ssm_head_dim=64, ssm_groups=8, ssm_state=128)
     assert (A.default_steps(mamba)["d_state"], A.default_steps(mamba)["head_dim"]) == (16, 2)

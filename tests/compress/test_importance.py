@@ -1,5 +1,5 @@
 """Importance matters: on real trained models, pruning UniQL's sorted order loses less than pruning a
-random channel order or a weight-magnitude order under the same allocation (UNIQL.md, Stage 1).
+random channel order or a weight-magnitude order under the same allocation (docs/method.md, "Stage 1: MLP").
 
 The comparison is `compress.sort.importance_comparison` (what benchmarks/bench_sorting.py importance, the
 README table, runs): calibration windows from the TinyStories training documents, perplexity on the held-out ones.

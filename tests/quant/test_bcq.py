@@ -141,7 +141,7 @@ def test_bits_per_weight_measured_from_arrays():
         assert packed.bits_per_weight(q) == pytest.approx(bits + 16 / g)
         assert packed.bits_per_weight(bcq.from_uniform(q)) == pytest.approx(bits + 16 * (bits + 1) / g)
     b4 = bcq_fit.bcq_fit(w, bits=4, group_size=128, rounds=1)
-    assert packed.bits_per_weight(b4) == 4.625  # UNIQUAN.md: 4.625 bpw at k=4, g=128
+    assert packed.bits_per_weight(b4) == 4.625  # K + 16(K+1)/E bpw (docs/method.md, "UniQuan: formats")
     norm = jnp.ones((64,), jnp.float16)
     mixed = {"w": b4, "norm": norm}
     expected = 8 * (b4.nbytes + norm.nbytes) / (w.size + norm.size)

@@ -1,4 +1,4 @@
-"""Pruning a quantized model (UNIQL.md "Deployment", issue 6): slicing never re-quantizes.
+"""Pruning a quantized model (docs/method.md, "Deployment", issue 6): slicing never re-quantizes.
 
 For all five architectures, a small random model is allocated with
 quantization-compatible steps (``plan.allocation_steps``) and quantized once

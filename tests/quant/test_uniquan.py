@@ -82,7 +82,7 @@ def test_gradients_straight_through_exact_alpha_and_filtering(trained):
     qb = un.full_assignment(w, qp, qb)
     cot = jnp.asarray(np.random.default_rng(3).normal(size=w.shape), jnp.float32)  # dL/dw_hat
 
-    # analytic gradients, UNIQUAN.md "Gradients", in row layout
+    # analytic gradients (docs/method.md, "UniQuan: UniQuanF"), in row layout
     w_rows, c_rows = bcq_fit.to_rows(w, GROUP, 0), bcq_fit.to_rows(cot, GROUP, 0)
     s = jnp.exp(qp.delta1)[:, None]
     delta = jnp.exp(qp.delta1[:, None] + qp.delta2 + qp.delta3[:, None])

@@ -1,6 +1,6 @@
 """The param tree of a checkpoint <-> its raw arrays, and how each raw array is stored.
 
-DESIGN.md, "Elastic layout": every prunable axis is its own array axis and sorting
+Elastic layout (docs/method.md, "Deployment"): every prunable axis is its own array axis and sorting
 puts the kept channels first, so the model a rate keeps is, array by array, a
 *leading box* of the full-rank arrays (``compress/prune.py``).
 

@@ -1,4 +1,4 @@
-"""Stage 2: layer-wise pruning-rate allocation (spec/UNIQL.md, "Stage 2").
+"""Stage 2: layer-wise pruning-rate allocation (docs/method.md, "Stage 2: allocation").
 
 Block influence of layer l (all blocks sharing a Hugging Face decoder layer index):
 s_l = 1 − cos(x_l, y_l) between the residual stream entering its first block and
@@ -44,10 +44,10 @@ def _pow2_floor(x: float) -> int:
 def default_steps(cfg: ModelConfig) -> dict[str, int]:
     """Rounding multiple of each prunable dimension, scaled to the model's size.
 
-    At full scale (UNIQL.md): MLP width 128, q/k 16 head channels = 8 pairs, v/o rank
-    16, d_state 16, Mamba head_dim 2. Tiny models get proportionally smaller steps (a
-    power of two near 1/32 of the MLP width, 1/8 of the other dimensions), so a grid of
-    rates still yields distinct sizes.
+    At full scale (docs/method.md, "Stage 1: Mamba2", last paragraph): MLP width 128, q/k 16
+    head channels = 8 pairs, v/o rank 16, d_state 16, Mamba head_dim 2. Tiny models get
+    proportionally smaller steps (a power of two near 1/32 of the MLP width, 1/8 of the other
+    dimensions), so a grid of rates still yields distinct sizes.
     """
     return {
         "width": min(128, _pow2_floor(cfg.intermediate_size / 32)),
@@ -89,7 +89,7 @@ def block_influence(cfg: ModelConfig, params: dict, calib, *, batch_size: int = 
     """s_l = 1 − mean cos(x_l, y_l) per decoder layer (last token of each window), float64 [L]."""
     run = calibration.run_blocks(cfg, params, calib, batch_size=batch_size, mesh=mesh, progress=progress,
                                  desc="block influence")
-    last = run["last_token"]  # [n_blocks + 1, N, D]
+    last = run["last_token"]  # [n_blocks + 1, W, D]
     return np.asarray([1.0 - cosine_rows(last[g[0]], last[g[-1] + 1]).mean() for g in layer_groups(cfg)])
 
 
@@ -124,7 +124,7 @@ def blocks_for_fractions(cfg: ModelConfig, phi_L, steps: dict) -> tuple:
 def allocate(cfg: ModelConfig, params: dict, calib, rates, *, method: str = "block_influence", steps=None,
              eps: float = 0.1, max_prune: float = MAX_PRUNE, batch_size: int = 8, mesh=None,
              progress: bool = False) -> dict:
-    """UniQL layer-wise allocation (API.md `uq.allocate`): {rate: per-block kept sizes}.
+    """UniQL layer-wise allocation (`uq.allocate`, docs/api.md): {rate: per-block kept sizes}.
 
     rates: global pruning rates in [0, max_prune]; steps: rounding multiple per prunable
     dimension (`default_steps` when None; keys width, qk_pairs, qk_pass, vo_rank,

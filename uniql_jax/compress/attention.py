@@ -1,9 +1,11 @@
-"""Attention sorting: RoPE-pair-aware Q/K order and quantization-aware V/O SVD (spec/UNIQL.md, Stage 1).
+"""Attention sorting: RoPE-pair-aware Q/K order and quantization-aware V/O SVD (docs/method.md,
+"Stage 1: attention Q/K", "Stage 1: attention V/O").
 
 Block params (see uniql_jax/models/attention.py): q [D, K, G, 2, P], k [D, K, 2, P],
 pair_index [K, P], q_pass [D, K, G, E], k_pass [D, K, E], v [D, K, R], o [K, G, R, D],
 Qwen biases q_bias [K, G, 2, P], k_bias [K, 2, P], q_pass_bias, k_pass_bias, v_bias [K, R],
-o_bias [D].
+o_bias [D]. The letters are the attention layout's own (models/attention.py): K kv heads, G query
+heads per kv head, P rotary pairs per half, E pass-through channels, R v/o rank.
 
 **Q/K.** Per kv head, channel score s = ‖C_q^{1/2}‖_col ⊙ ‖C_k^{1/2}‖_col from q, k after
 RoPE, summed over the G query heads of the group. Rotate-half pairs channel p of half

@@ -1,10 +1,10 @@
-"""Layer-by-layer calibration driver (spec/UNIQL.md, stages 1 and 2).
+"""Layer-by-layer calibration driver (docs/method.md, "Pipeline", stages 1 and 2).
 
-The model runs block by block over calibration windows (int32 [N, T], real tokens,
-no padding — defect 5 of the reference code). The residual stream of all windows
-is kept on the host ([N, T, D] float32); each block then streams it in batches,
-so accelerator memory is bounded by one batch through one block. For every
-batch a jitted, data-parallel step computes the block's update and its
+The model runs block by block over calibration windows (int32 [W, T], real tokens,
+no padding; docs/method.md, "What we do differently from the reference code", 4).
+The residual stream of all windows is kept on the host ([W, T, D] float32); each
+block then streams it in batches, so accelerator memory is bounded by one batch
+through one block. For every batch a jitted, data-parallel step computes the block's update and its
 statistics; statistics are sums in float32, reduced across the devices of a
 `data` mesh (exact collective sums, so results do not depend on the device count beyond
 float reassociation); the reduction adds in a fixed order (``distributed.ordered_psum``),
@@ -95,10 +95,10 @@ def _block_step(cfg: ModelConfig, blk: BlockConfig, collect: Callable, mesh):
 
 
 def embed_windows(cfg: ModelConfig, params: dict, calib) -> np.ndarray:
-    """Input of the first block for every window: float32 [N, T, D] on the host."""
+    """Input of the first block for every window: float32 [W, T, D] on the host."""
     tokens = np.asarray(calib, np.int32)
     if tokens.ndim != 2:
-        raise ValueError(f"calibration tokens must be int32 [N, T], got shape {tokens.shape}")
+        raise ValueError(f"calibration tokens must be int32 [W, T], got shape {tokens.shape}")
     return np.array(embed_lookup(params["embed"], jnp.asarray(tokens), F32))  # a writable copy
 
 
@@ -110,15 +110,15 @@ def as_float32(tree):
 def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Callable] | None = None,
                on_block: Callable | None = None, *, batch_size: int = 8, mesh=None, progress: bool = True,
                desc: str = "calibration", return_final: bool = False) -> dict:
-    """Run the model block by block over `calib` (int32 [N, T]).
+    """Run the model block by block over `calib` (int32 [W, T]).
 
     collectors: block kind -> collector (kinds not listed gather nothing).
     on_block(i, blk, stats): called after block i with its summed statistics
     (stats include "tokens", the number of tokens they sum over). When it returns
     new block params (sequential quantization: GPTQ), block i's outputs are
     recomputed with them, so later blocks see the already-replaced prefix.
-    return_final: also return "final", the residual stream after the last block [N, T, D].
-    Returns {"last_token": float32 [n_blocks + 1, N, D] (the residual stream at the
+    return_final: also return "final", the residual stream after the last block [W, T, D].
+    Returns {"last_token": float32 [n_blocks + 1, W, D] (the residual stream at the
     last position before each block and after the last one), "timings_s": {...}}.
     """
     collectors = collectors or {}
@@ -127,19 +127,19 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
     t0 = time.perf_counter()
     tokens = np.asarray(calib, np.int32)
     if tokens.ndim != 2:
-        raise ValueError(f"calibration tokens must be int32 [N, T], got shape {tokens.shape}")
-    N = tokens.shape[0]
+        raise ValueError(f"calibration tokens must be int32 [W, T], got shape {tokens.shape}")
+    W = tokens.shape[0]
     per_step = max(batch_size, ndev) // ndev * ndev
-    pad = (-N) % per_step
-    rows = distributed.process_rows(N + pad, per_step, mesh)  # this process's windows (all, for one process)
-    per_local = len(rows) // ((N + pad) // per_step)  # rows this process feeds per step
-    real = rows < N
-    x_NxTxD = np.zeros((len(rows),) + tokens.shape[1:] + (cfg.hidden_size,), np.float32)
+    pad = (-W) % per_step
+    rows = distributed.process_rows(W + pad, per_step, mesh)  # this process's windows (all, for one process)
+    per_local = len(rows) // ((W + pad) // per_step)  # rows this process feeds per step
+    real = rows < W
+    x_WxTxD = np.zeros((len(rows),) + tokens.shape[1:] + (cfg.hidden_size,), np.float32)
     if real.any():
-        x_NxTxD[real] = embed_windows(cfg, params, tokens[rows[real]])
+        x_WxTxD[real] = embed_windows(cfg, params, tokens[rows[real]])
     w_all = real.astype(np.float32)
     timings = {"embed": time.perf_counter() - t0, "blocks": 0.0, "on_block": 0.0}
-    last_token = [x_NxTxD[:, -1].copy()]
+    last_token = [x_WxTxD[:, -1].copy()]
 
     def put_rows(a, s):
         return distributed.global_batch(a[s:s + per_local], mesh)
@@ -156,13 +156,13 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
         step = _block_step(*block_key(cfg, blk), collect, mesh)
         block_params = distributed.put_params(as_float32(params["blocks"][i]), mesh)
         stats = None
-        x_in = x_NxTxD.copy() if on_block is not None else None
-        for s in range(0, len(x_NxTxD), per_local):
-            batch_stats, x_out = step(block_params, put_rows(x_NxTxD, s), put_rows(w_all, s))
+        x_in = x_WxTxD.copy() if on_block is not None else None
+        for s in range(0, len(x_WxTxD), per_local):
+            batch_stats, x_out = step(block_params, put_rows(x_WxTxD, s), put_rows(w_all, s))
             stats = batch_stats if stats is None else jax.tree.map(jnp.add, stats, batch_stats)
-            x_NxTxD[s:s + per_local] = distributed.local_rows(x_out)
+            x_WxTxD[s:s + per_local] = distributed.local_rows(x_out)
         stats = dict(distributed.to_host(stats or {}))
-        stats["tokens"] = float(N * x_NxTxD.shape[1])
+        stats["tokens"] = float(W * x_WxTxD.shape[1])
         t_visit = time.perf_counter()
         timings["blocks"] += t_visit - t_block
         replaced = on_block(i, blk, stats) if on_block is not None else None
@@ -171,31 +171,31 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
             propagate = _block_step(*block_key(cfg, blk), no_stats, mesh)
             new_params = distributed.put_params(as_float32(replaced), mesh)
             for s in range(0, len(x_in), per_local):
-                x_NxTxD[s:s + per_local] = distributed.local_rows(propagate(new_params, put_rows(x_in, s),
+                x_WxTxD[s:s + per_local] = distributed.local_rows(propagate(new_params, put_rows(x_in, s),
                                                                             put_rows(w_all, s))[1])
-        last_token.append(x_NxTxD[:, -1].copy())
+        last_token.append(x_WxTxD[:, -1].copy())
     timings["total"] = time.perf_counter() - t0
     # every process: all windows, in window order (an all-gather across processes)
-    last = distributed.allgather_rows(np.stack(last_token, axis=1), rows)[:N]  # [N, n_blocks + 1, D]
+    last = distributed.allgather_rows(np.stack(last_token, axis=1), rows)[:W]  # [W, n_blocks + 1, D]
     out = {"last_token": np.ascontiguousarray(last.swapaxes(0, 1)), "timings_s": timings}
     if return_final:
-        out["final"] = distributed.allgather_rows(x_NxTxD, rows)[:N]
+        out["final"] = distributed.allgather_rows(x_WxTxD, rows)[:W]
     return out
 
 
-def propagate_all(cfg: ModelConfig, blk: BlockConfig, block_params: dict, x_NxTxD: np.ndarray, *, batch_size: int,
+def propagate_all(cfg: ModelConfig, blk: BlockConfig, block_params: dict, x_WxTxD: np.ndarray, *, batch_size: int,
                   mesh) -> np.ndarray:
-    """Block outputs x + update of every window (host float32 [N, T, D], the same on every process),
+    """Block outputs x + update of every window (host float32 [W, T, D], the same on every process),
     data-parallel over `mesh`: each process runs its share, then all-gather (every process gets all)."""
     ndev = distributed.data_size(mesh)
     per_step = max(batch_size, ndev) // ndev * ndev
-    N = len(x_NxTxD)
-    pad = (-N) % per_step
-    rows = distributed.process_rows(N + pad, per_step, mesh)
-    per_local = len(rows) // ((N + pad) // per_step)
-    x_pad = np.concatenate([x_NxTxD, np.zeros((pad,) + x_NxTxD.shape[1:], np.float32)]) if pad else x_NxTxD
+    W = len(x_WxTxD)
+    pad = (-W) % per_step
+    rows = distributed.process_rows(W + pad, per_step, mesh)
+    per_local = len(rows) // ((W + pad) // per_step)
+    x_pad = np.concatenate([x_WxTxD, np.zeros((pad,) + x_WxTxD.shape[1:], np.float32)]) if pad else x_WxTxD
     x_local = x_pad[rows]
-    w_local = (rows < N).astype(np.float32)
+    w_local = (rows < W).astype(np.float32)
     step = _block_step(*block_key(cfg, blk), no_stats, mesh)
     params = distributed.put_params(as_float32(block_params), mesh)
     out = np.empty_like(x_local)
@@ -203,4 +203,4 @@ def propagate_all(cfg: ModelConfig, blk: BlockConfig, block_params: dict, x_NxTx
         _, y = step(params, distributed.global_batch(x_local[s:s + per_local], mesh),
                     distributed.global_batch(w_local[s:s + per_local], mesh))
         out[s:s + per_local] = distributed.local_rows(y)
-    return distributed.allgather_rows(out, rows)[:N]
+    return distributed.allgather_rows(out, rows)[:W]

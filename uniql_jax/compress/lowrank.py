@@ -1,4 +1,4 @@
-"""Pure array primitives of UniQL stage 1 (spec/UNIQL.md "Stage 1: structured sorting").
+"""Pure array primitives of UniQL stage 1 (docs/method.md, "Stage 1: MLP" .. "Stage 1: Mamba2").
 
 No Flax, no I/O: ridge leverage scores (float32, jit-able), PSD square roots and the
 quantization-aware two-step SVD (float64, NumPy), channel orders, and per-head
@@ -40,7 +40,7 @@ def _ridge_leverage_numpy(C_FxF: np.ndarray, lam: float) -> np.ndarray:
 
 
 def ridge_leverage(C_FxF, lam: float = 1.0, backend: str = "auto"):
-    """Ridge leverage scores s = diag(C (C + λI)⁻¹) of a correlation C = XᵀX/N (UNIQL.md, MLP).
+    """Ridge leverage scores s = diag(C (C + λI)⁻¹) of a correlation C = XᵀX/N (docs/method.md, "Stage 1: MLP").
 
     One float32 Cholesky factorization L Lᵀ = C + λI and one triangular solve: the
     "pseudo-inverse-free" score of UniQL (no per-rate reconstruction). Computed as
@@ -76,7 +76,8 @@ def psd_sqrt_pair(C_DxD, floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sqrt_col_norms(diag_C) -> np.ndarray:
-    """Column norms of C^{1/2} from the diagonal of C (UNIQL.md, attention Q/K; Mamba2 B/C).
+    """Column norms of C^{1/2} from the diagonal of C (docs/method.md,
+    "Stage 1: attention Q/K"; "Stage 1: Mamba2", B/C).
 
     C^{1/2} is symmetric, so ‖C^{1/2} e_j‖² = (C^{1/2} C^{1/2})_jj = C_jj: the column
     norms the paper computes through an eigendecomposition are exactly √diag(C)
@@ -87,14 +88,16 @@ def sqrt_col_norms(diag_C) -> np.ndarray:
 
 
 def quantization_aware_svd(C_sqrt_DxD, C_inv_sqrt_DxD, Wv_DxR, Wo_RxM):
-    """The two-step quantization-aware SVD of one kv head's v/o product (UNIQL.md, attention V/O).
+    """The two-step quantization-aware SVD of one kv head's v/o product (docs/method.md,
+    "Stage 1: attention V/O").
 
     SVD(C^{1/2} W_v) = U_v Σ_v V_vᵀ, then SVD(Σ_v V_vᵀ W_o) = U Σ Vᵀ (float64), and
         W_v' = C^{-1/2} U_v U Σ      [D, R]   (σ folded into V's output columns)
         W_o' = Vᵀ                    [R, M]   (orthonormal rows)
     so W_v' W_o' = W_v W_o, with rank components in decreasing σ: truncating to the
     leading r keeps the best rank-r approximation of C^{1/2} W_v W_o. M stacks the
-    o_proj input rows of every query head that reads this kv head (GQA).
+    o_proj input rows of every query head that reads this kv head (GQA). R (the v/o rank) and
+    M are local to this function.
     Returns (W_v' [D, R], W_o' [R, M], σ [R]) in float64.
     """
     Wv = np.asarray(Wv_DxR, np.float64)

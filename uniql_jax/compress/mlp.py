@@ -1,4 +1,4 @@
-"""MLP sorting by ridge leverage (spec/UNIQL.md, Stage 1 "MLP").
+"""MLP sorting by ridge leverage (docs/method.md, "Stage 1: MLP").
 
 Gated (SiLU(x W_g) ⊙ x W_u → W_d) and ungated ReLU² (Nemotron-H) alike: collect the
 correlation C of X_int, the input of down_proj [tokens, F]; score each intermediate

@@ -1,4 +1,5 @@
-"""Stage 1 driver: structured weight sorting of every block (spec/UNIQL.md, Stage 1).
+"""Stage 1 driver: structured weight sorting of every block (docs/method.md, "Stage 1: MLP",
+"Stage 1: attention Q/K", "Stage 1: attention V/O", "Stage 1: Mamba2").
 
 `sort` walks the model once with the calibration driver, and right after each block's
 statistics are complete replaces that block's weights by their sorted form (MLP:
@@ -60,7 +61,7 @@ def sort_timed(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, 
 
 def sort(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, batch_size: int = 8, lam: float = 1.0,
          mesh=None) -> tuple[ModelConfig, dict]:
-    """UniQL structured sorting (API.md `uq.sort`): calib int32 [N, T] -> (cfg, sorted params).
+    """UniQL structured sorting (`uq.sort`, docs/api.md): calib int32 [W, T] -> (cfg, sorted params).
 
     The result computes the same function as the input; its per-block sizes are
     unchanged, its prunable channels ordered by importance, and attention blocks carry

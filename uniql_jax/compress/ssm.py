@@ -1,8 +1,9 @@
-"""Mamba2 sorting over d_state and head_dim (spec/UNIQL.md, Stage 1 "Mamba2 SSM").
+"""Mamba2 sorting over d_state and head_dim (docs/method.md, "Stage 1: Mamba2").
 
-Block params (see uniql_jax/models/mamba2.py): z, x [D, H, C]; B, C [D, R_g, N]; dt [D, H];
-conv_x [W, H, C], conv_B / conv_C [W, R_g, N] and their biases [H, C] / [R_g, N];
-dt_bias, A_log, D [H]; gnorm [H, C]; out [H, C, D].
+Block params (see uniql_jax/models/mamba2.py): z, x [D, H, P]; B, C [D, G, S]; dt [D, H];
+conv_x [w, H, P], conv_B / conv_C [w, G, S] and their biases [H, P] / [G, S];
+dt_bias, A_log, D [H]; gnorm [H, P]; out [H, P, D] (letters of docs/method.md; w the conv width;
+models/mamba2.py writes P as C, S as N and G as R_g).
 
 **B/C over d_state.** B and C are taken after conv1d + SiLU. Per SSM group g,
 score[g, n] = Σ_{heads h of g} ‖C_{ΔB,h}^{1/2}‖_col[n] · ‖C_C^{1/2}‖_col[n], where ΔB_h = Δ_h ⊗ B
@@ -12,8 +13,8 @@ columns of W_B and W_C, their conv taps and biases: the SSM contracts B and C ov
 same n, so the block computes the same function.
 
 **z / x / out over head_dim, state-aware.** Per head, the ridge leverage of the SSM
-*states* h_t [C, N] stacked over tokens (the T·N × C matrix of the paper): with
-C_H = Σ_t h_t h_tᵀ [C, C], score = diag(C_H (C_H + λI)⁻¹). The order permutes z and x
+*states* h_t [P, S] stacked over tokens (the T·S × P matrix of the paper): with
+C_H = Σ_t h_t h_tᵀ [P, P], score = diag(C_H (C_H + λI)⁻¹). The order permutes z and x
 columns, conv-x taps and bias, the gated-norm weight and out_proj rows of that head: a
 head channel only ever meets itself (state row, D skip, gate, norm weight, out row),
 and the gated RMSNorm sums squares over the group, so the function is unchanged.
@@ -35,7 +36,7 @@ from uniql_jax.models.mamba2 import causal_conv, ssd_recurrent_step
 
 # ----------------------------------------------------------------------------- statistics
 def ssm_inputs(cfg, module, x_BxTxD) -> dict:
-    """What the selective scan of a Mamba2 block sees (float32): x [B, T, H, C], B / C [B, T, R_g, N]
+    """What the selective scan of a Mamba2 block sees (float32): x [B, T, H, P], B / C [B, T, G, S]
     after conv1d + SiLU, Δ [B, T, H] (softplus'ed, clipped), A [H] (negative); the same steps as
     `Mamba2.__call__` up to the scan (tests check that the scan of these reproduces the block)."""
     h = rms_norm(x_BxTxD, module.norm.get_value(), cfg.rms_norm_eps)
@@ -52,25 +53,25 @@ def ssm_inputs(cfg, module, x_BxTxD) -> dict:
     return out
 
 
-def state_correlation(x_BxTxHxC, dt_BxTxH, A_H, B_BxTxGxN, C_BxTxGxN) -> jax.Array:
-    """Σ_t Σ_b h_t h_tᵀ per head, [H, C, C], scanning the recurrence of SSD eq. (1) over time."""
-    b, T, H, P = x_BxTxHxC.shape
-    N = B_BxTxGxN.shape[-1]
+def state_correlation(x_BxTxHxP, dt_BxTxH, A_H, B_BxTxGxS, C_BxTxGxS) -> jax.Array:
+    """Σ_t Σ_b h_t h_tᵀ per head, [H, P, P], scanning the recurrence of SSD eq. (1) over time."""
+    b, T, H, P = x_BxTxHxP.shape
+    S = B_BxTxGxS.shape[-1]
 
     def step(carry, inputs):
         state, acc = carry
         _, state = ssd_recurrent_step(state, *inputs[:2], A_H, *inputs[2:])
         return (state, acc + jnp.einsum("bhpn,bhqn->hpq", state, state)), None
 
-    init = (jnp.zeros((b, H, P, N), F32), jnp.zeros((H, P, P), F32))
-    xs = tuple(jnp.moveaxis(u, 1, 0) for u in (x_BxTxHxC, dt_BxTxH, B_BxTxGxN, C_BxTxGxN))
+    init = (jnp.zeros((b, H, P, S), F32), jnp.zeros((H, P, P), F32))
+    xs = tuple(jnp.moveaxis(u, 1, 0) for u in (x_BxTxHxP, dt_BxTxH, B_BxTxGxS, C_BxTxGxS))
     (_, acc), _ = jax.lax.scan(step, init, xs)
     return acc
 
 
 def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
-    """Sums over tokens: dB_sq [H, N] = Σ (Δ_h B_n)², C_sq [R_g, N] = Σ C_n², and the state
-    correlation state_corr [H, C, C] = Σ_t h_t h_tᵀ (windows weighted by w)."""
+    """Sums over tokens: dB_sq [H, S] = Σ (Δ_h B_n)², C_sq [G, S] = Σ C_n², and the state
+    correlation state_corr [H, P, P] = Σ_t h_t h_tᵀ (windows weighted by w)."""
     s = ssm_inputs(cfg, module, x_BxTxD)
     Rg = cfg.ssm_groups
     B = weighted_rows(s["B"], w_B)
@@ -85,16 +86,16 @@ def collect(cfg, blk, module, x_BxTxD, positions_BxT, w_B) -> dict:
 
 # ----------------------------------------------------------------------------- orders
 def state_scores_uniql(cfg, stats: dict) -> np.ndarray:
-    """d_state scores [R_g, N]: Σ_{h in g} ‖C_ΔB^{1/2}‖_col ⊙ ‖C_C^{1/2}‖_col."""
+    """d_state scores [G, S]: Σ_{h in g} ‖C_ΔB^{1/2}‖_col ⊙ ‖C_C^{1/2}‖_col."""
     n = stats["tokens"]
-    dB = lowrank.sqrt_col_norms(lowrank.f64(stats["dB_sq"]) / n)  # [H, N]
+    dB = lowrank.sqrt_col_norms(lowrank.f64(stats["dB_sq"]) / n)  # [H, S]
     dB = dB.reshape(cfg.ssm_groups, -1, dB.shape[-1])  # [g, h, n]
     Cn = lowrank.sqrt_col_norms(lowrank.f64(stats["C_sq"]) / n)  # [g, n]
     return (dB * Cn[:, None]).sum(axis=1)
 
 
 def head_dim_scores_uniql(stats: dict, lam: float = 1.0) -> np.ndarray:
-    """head_dim scores [H, C]: ridge leverage of each head's state correlation."""
+    """head_dim scores [H, P]: ridge leverage of each head's state correlation."""
     return np.asarray(lowrank.ridge_leverage(lowrank.f64(stats["state_corr"]) / stats["tokens"], lam))
 
 
@@ -120,10 +121,10 @@ STATE_AXES = {"B": (2, 1), "C": (2, 1), "conv_B": (2, 1), "conv_C": (2, 1), "con
 HEAD_DIM_AXES = {"z": (2, 1), "x": (2, 1), "conv_x": (2, 1), "conv_x_bias": (1, 0), "gnorm": (1, 0), "out": (1, 0)}
 
 
-def permute_mixer(p: dict, state_order_GxN, head_order_HxC) -> dict:
+def permute_mixer(p: dict, state_order_GxS, head_order_HxP) -> dict:
     """Apply a d_state order per group and a head_dim order per head (name -> (axis, head axis))."""
     out = dict(p)
-    for axes, order in ((STATE_AXES, state_order_GxN), (HEAD_DIM_AXES, head_order_HxC)):
+    for axes, order in ((STATE_AXES, state_order_GxS), (HEAD_DIM_AXES, head_order_HxP)):
         for name, (axis, head_axis) in axes.items():
             if name in p:
                 out[name] = jnp.asarray(lowrank.permute(p[name], order, axis=axis, head_axes=(head_axis,)))

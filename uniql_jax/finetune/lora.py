@@ -1,4 +1,4 @@
-"""Masked LoRA, the pure core of stage 3 (spec/UNIQL.md, "Stage 3"): adapters, merge, loss, one step.
+"""Masked LoRA, the pure core of stage 3 (docs/method.md, "Stage 3: masked LoRA"): adapters, merge, loss, one step.
 
 The method: one LoRA fine-tuning pass over the *nested pruning masks* of a sorted model
 makes it better at every rate of its grid. At each optimizer step one global rate is drawn

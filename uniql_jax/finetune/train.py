@@ -1,4 +1,4 @@
-"""The driver of masked LoRA fine-tuning (stage 3, spec/UNIQL.md): batches, the loop, selection, resume.
+"""The driver of masked LoRA fine-tuning (docs/method.md, "Stage 3: masked LoRA"): batches, the loop, selection, resume.
 
 The method (`finetune.lora`): LoRA adapters trained through the masked forward of the sorted
 model at a rate drawn per step, so that one set of adapters serves every nested pruning mask
@@ -17,7 +17,7 @@ checkpoint is resumed only by the same run: same model weights (a hash of their 
 data, rate table and hyper-parameters (`fingerprint`).
 
 Every stage reports its wall time (`history["timings_s"]`); the loop shows progress and ETA.
-Shapes: N windows, T tokens per window (TrainConfig.seq_len).
+Shapes: W windows, T tokens per window (TrainConfig.seq_len).
 """
 
 from __future__ import annotations
@@ -89,19 +89,19 @@ def batch_indices(n_windows: int, step: int, per_step: int, seed: int) -> np.nda
     return out
 
 
-def eval_nll_per_rate(cfg: ModelConfig, params: dict, windows_NxT, stacked_masks, *, batch_size: int = 8):
-    """Mean next-token NLL of `windows_NxT` under each rate's masks -> float64 [n_rates].
+def eval_nll_per_rate(cfg: ModelConfig, params: dict, windows_WxT, stacked_masks, *, batch_size: int = 8):
+    """Mean next-token NLL of `windows_WxT` under each rate's masks -> float64 [n_rates].
 
     One compiled forward (`eval.window_nll`, masks traced) serves every rate.
     """
     n_rates = jax.tree.leaves(stacked_masks)[0].shape[0]
-    N, T = windows_NxT.shape
+    W, T = windows_WxT.shape
     out = []
     for i in range(n_rates):
         masks = mask_lib.select(stacked_masks, i)
-        nll_per_batch = [window_nll(cfg, params, jnp.asarray(windows_NxT[s:s + batch_size]), masks=masks)
-                         for s in range(0, N, batch_size)]
-        out.append(float(np.concatenate([np.asarray(x, np.float64) for x in nll_per_batch]).sum()) / (N * (T - 1)))
+        nll_per_batch = [window_nll(cfg, params, jnp.asarray(windows_WxT[s:s + batch_size]), masks=masks)
+                         for s in range(0, W, batch_size)]
+        out.append(float(np.concatenate([np.asarray(x, np.float64) for x in nll_per_batch]).sum()) / (W * (T - 1)))
     return np.asarray(out)
 
 
@@ -127,15 +127,15 @@ def weights_digest(params: dict) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig, tc: TrainConfig, train_w_NxT, eval_w_NxT,
+def fingerprint(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig, tc: TrainConfig, train_w_WxT, eval_w_WxT,
                 rates, **selection) -> dict:
     """What must match for a checkpoint to be resumed (a different run must not continue it), as JSON:
     hyper-parameters, the selection rule, data, rates, the model's config and a hash of its weights."""
     return _json_roundtrip({
         "lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
         "model": hashlib.sha256(repr(cfg).encode()).hexdigest(), "weights": weights_digest(params),
-        "train_windows": [int(train_w_NxT.shape[0]), _sha256(train_w_NxT)],
-        "eval_windows": [int(eval_w_NxT.shape[0]), _sha256(eval_w_NxT)], "rates": [float(r) for r in rates],
+        "train_windows": [int(train_w_WxT.shape[0]), _sha256(train_w_WxT)],
+        "eval_windows": [int(eval_w_WxT.shape[0]), _sha256(eval_w_WxT)], "rates": [float(r) for r in rates],
         **selection})
 
 
@@ -195,8 +195,8 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     t_start = time.perf_counter()
     if any(is_packed(x) for x in jax.tree.leaves(params, is_leaf=is_packed)):
         raise ValueError("fine-tune the 16-bit sorted model: adapters are merged before quantization")
-    train_w_NxT = windows(train_tokens, tc.seq_len)
-    eval_w_NxT = windows(eval_tokens, tc.seq_len)[:eval_cfg.windows]
+    train_w_WxT = windows(train_tokens, tc.seq_len)
+    eval_w_WxT = windows(eval_tokens, tc.seq_len)[:eval_cfg.windows]
     _, stacked_masks = mask_lib.mask_table(cfg, table)
     rates = sorted(float(r) for r in table)  # the row order of mask_table
     eval_every = eval_cfg.every or max(1, tc.steps // 4)
@@ -214,7 +214,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         """Eval loss of the adapters, or None when they break the dense guard."""
         t0 = time.perf_counter()
         merged = merged_params(cfg, lora_cfg, base, lora_now)
-        per_rate = eval_nll_per_rate(cfg, merged, eval_w_NxT, stacked_masks, batch_size=eval_cfg.batch_size)
+        per_rate = eval_nll_per_rate(cfg, merged, eval_w_WxT, stacked_masks, batch_size=eval_cfg.batch_size)
         entry = {"step": step, "eval_loss": float(per_rate.mean()), "per_rate": per_rate.tolist()}
         if history["evals"] and eval_cfg.dense_tolerance is not None:
             dense_start = history["evals"][0]["per_rate"][0]
@@ -227,7 +227,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     if resume is not None:
         ckpt_every = resume.every or eval_every
         ckpts = _Checkpoints(resume.directory)
-        run_id = fingerprint(cfg, params, lora_cfg, tc, train_w_NxT, eval_w_NxT, rates, eval_every=eval_every,
+        run_id = fingerprint(cfg, params, lora_cfg, tc, train_w_WxT, eval_w_WxT, rates, eval_every=eval_every,
                              dense_tolerance=eval_cfg.dense_tolerance)
         if ckpts.latest() is not None:
             saved, meta = ckpts.restore(ckpts.latest(), {"state": state, "best_lora": best_lora})
@@ -253,8 +253,8 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         bar = tqdm(bar, desc="masked LoRA", unit="step", initial=start, total=tc.steps)
     t_first, step_s, n_timed = None, 0.0, 0
     for step in bar:
-        idx = batch_indices(len(train_w_NxT), step, per_step, tc.seed)
-        batch_MxBxT = jnp.asarray(train_w_NxT[idx].reshape(tc.grad_accum, tc.batch_size, tc.seq_len))
+        idx = batch_indices(len(train_w_WxT), step, per_step, tc.seed)
+        batch_MxBxT = jnp.asarray(train_w_WxT[idx].reshape(tc.grad_accum, tc.batch_size, tc.seq_len))
         t0 = time.perf_counter()
         state, metrics = train_step(cfg, lora_cfg, tc, state, base, batch_MxBxT, stacked_masks, jnp.int32(step))
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
@@ -288,8 +288,8 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     log.info("masked LoRA: %d steps in %.1f s (first step %.1f s, evaluations %.1f s, checkpoints %.1f s)",
              tc.steps - start, history["timings_s"]["total"], t_first or 0.0, spent["evaluate"], spent["checkpoint"])
     history["config"] = {"lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
-                         "eval_every": eval_every, "eval_windows": int(eval_w_NxT.shape[0]),
-                         "train_windows": int(train_w_NxT.shape[0]), "resumed_from": start}
+                         "eval_every": eval_every, "eval_windows": int(eval_w_WxT.shape[0]),
+                         "train_windows": int(train_w_WxT.shape[0]), "resumed_from": start}
     return FinetuneResult(lora=state["lora"], best_lora=best_lora, history=history)
 
 

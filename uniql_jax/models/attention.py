@@ -11,6 +11,9 @@ leading box of each array:
 
 A Hugging Face head of dim h = 2*P0 + E0 is [half 0 (P0) | half 1 (P0) | pass (E0)].
 The softmax scale stays 1/sqrt(original head_dim) whatever is kept.
+
+The letters of this layout are its own (docs/method.md's legend gives K, E, R to quantization):
+K kv heads, G query heads per kv head, P rotary pairs per half, E pass-through channels, R v/o rank.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, cache=None, mask=None, impl="xla"):
         """x [B, T, D] residual stream; positions [B, T]. Returns (update [B, T, D], cache)."""
-        cfg, blk = self.cfg, self.blk
+        cfg = self.cfg
         h = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
         cur = self.project(h, positions, mask, impl)
         if cache is None:

@@ -7,7 +7,10 @@ Efficient Algorithms Through Structured State Space Duality", ICML 2024
 One block is ``x + out(gnorm(SSM(conv(in_proj(norm(x))))))`` where the Hugging Face
 ``in_proj`` packs ``[z | x | B | C | dt]`` and the depthwise causal conv runs over
 ``[x | B | C]``. Here every packed part is its own weight and every prunable axis its
-own array axis, so a pruning rate keeps a leading box of each array:
+own array axis, so a pruning rate keeps a leading box of each array. Shape letters in this
+module are its own (C is the name of the SSM output projection here): C = head_dim (P of
+docs/method.md), N = d_state (S), R_g = SSM groups (G), W = conv kernel width, L = SSD chunk
+length (C there); P in the SSD core is head_dim as in docs/method.md. The arrays:
 
   norm   [D]            block pre-norm
   z, x   [D, H, C]      gate and SSM input, C = kept Mamba head_dim
@@ -21,7 +24,7 @@ own array axis, so a pruning rate keeps a leading box of each array:
 
 Heads, groups, dt, A and D are never pruned. The gated RMSNorm normalizes each group of
 heads over its *kept* channels only, so a masked full model equals the sliced model
-(defect 2 of the reference implementation, see spec/UNIQL.md). The time step is clipped to
+(docs/method.md, "What we do differently from the reference code", 1). The time step is clipped to
 ``cfg.time_step_limit`` in both the chunked and the recurrent path (transformers clips only in
 its chunked path), so cached decoding equals the full forward.
 

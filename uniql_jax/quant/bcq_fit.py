@@ -1,4 +1,5 @@
-"""BCQ fitting: the pure cores that choose a ``BCQArray`` (UNIQUAN.md "Unified initialization").
+"""BCQ fitting: the pure cores that choose a ``BCQArray`` (docs/method.md, "UniQuan: UniQuanF",
+unified initialization).
 
 The format itself (fields, packing, dequantize, slicing, nested planes) is
 ``formats/bcq.py``; this module only finds planes, scales and offsets for a weight:
@@ -9,6 +10,10 @@ shared pieces ``uniquan`` builds on (sorted levels, nearest patterns, ``psd_solv
 The fitting cores work on *rows*: every group of every output position becomes one row
 ``[R, group_size]`` (``R = G * prod(pre + post)``), see ``to_rows``; ``pack_rows`` turns a
 row-layout fit into the packed ``BCQArray``. Pure array functions (no Flax, no I/O).
+
+Shape letters as in docs/method.md ("Notation and shape letters"): R rows, E = group_size
+elements of a row, K bits, J unknowns of a solve; here also L = 2**K levels of a row and,
+in ``R = G * prod(pre + post)``, G the number of groups along the quantized axis.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def _lead_shape(shape: tuple[int, ...], group_size: int, axis: int) -> tuple[int
     return shape[:axis] + (shape[axis] // group_size,) + shape[axis + 1 :]
 
 
-def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis: int,
+def pack_rows(patterns_RxE, alpha_RxK, offset_R, *, shape, group_size: int, axis: int,
               scale_dtype=SCALE_DTYPE) -> BCQArray:
     """Row-layout fit (sign patterns [R, g], alpha [R, k], offset [R]) -> packed ``BCQArray``.
 
@@ -88,7 +93,7 @@ def pack_rows(patterns_RxS, alpha_RxK, offset_R, *, shape, group_size: int, axis
     bits = alpha_RxK.shape[-1]
     check_layout(bits, group_size, shape[axis])
     lead = _lead_shape(shape, group_size, axis)
-    planes = pack_planes(from_rows(patterns_RxS, shape, group_size, axis), bits, axis)
+    planes = pack_planes(from_rows(patterns_RxE, shape, group_size, axis), bits, axis)
     alpha = rows_to_groups(alpha_RxK, lead, axis).astype(scale_dtype)
     offset = offset_R.reshape(lead).astype(scale_dtype)
     return BCQArray(planes, alpha, offset, bits, group_size, axis, shape)
@@ -114,31 +119,31 @@ def sorted_levels(alpha_RxK: jax.Array):
     return levels_sorted, pattern_at_rank, rank_of_pattern, mids
 
 
-def nearest_patterns(u_RxS: jax.Array, alpha_RxK: jax.Array) -> jax.Array:
+def nearest_patterns(u_RxE: jax.Array, alpha_RxK: jax.Array) -> jax.Array:
     """Full search: the sign pattern of the level nearest to each u (ties to the lower level).
 
-    rank = #{decision boundaries below u} over the value-sorted levels; int32 [R, S].
+    rank = #{decision boundaries below u} over the value-sorted levels; int32 [R, E].
     """
     _, pattern_at_rank, _, mids = sorted_levels(alpha_RxK)
-    rank = jnp.sum(u_RxS[:, :, None] > mids[:, None, :], axis=-1, dtype=jnp.int32)  # [R, S]
+    rank = jnp.sum(u_RxE[:, :, None] > mids[:, None, :], axis=-1, dtype=jnp.int32)  # [R, E]
     return jnp.take_along_axis(pattern_at_rank, rank, axis=-1)
 
 
-def level_values(patterns_RxS: jax.Array, alpha_RxK: jax.Array) -> jax.Array:
-    """sum_i alpha_i b_i for each sign pattern, float32 [R, S] (exact in alpha: linear)."""
+def level_values(patterns_RxE: jax.Array, alpha_RxK: jax.Array) -> jax.Array:
+    """sum_i alpha_i b_i for each sign pattern, float32 [R, E] (exact in alpha: linear)."""
     bits = alpha_RxK.shape[-1]
-    total = jnp.zeros(patterns_RxS.shape, jnp.float32)
-    for i in range(bits):  # a loop instead of a [R, S, k] gather keeps memory at one weight copy
-        b_i = 2.0 * ((patterns_RxS >> (bits - 1 - i)) & 1).astype(jnp.float32) - 1.0
+    total = jnp.zeros(patterns_RxE.shape, jnp.float32)
+    for i in range(bits):  # a loop instead of a [R, E, k] gather keeps memory at one weight copy
+        b_i = 2.0 * ((patterns_RxE >> (bits - 1 - i)) & 1).astype(jnp.float32) - 1.0
         total = total + alpha_RxK[:, i : i + 1] * b_i
     return total
 
 
-def canonical_rows(alpha_RxK: jax.Array, patterns_RxS: jax.Array):
+def canonical_rows(alpha_RxK: jax.Array, patterns_RxE: jax.Array):
     """Same levels with alpha >= 0 sorted descending: flip each plane whose scale is negative,
     then order planes by scale (most significant first, what nested precision keeps)."""
     bits = alpha_RxK.shape[-1]
-    signs = pattern_signs(patterns_RxS, bits) * jnp.where(alpha_RxK < 0, -1.0, 1.0)[:, None, :]  # [R, S, k]
+    signs = pattern_signs(patterns_RxE, bits) * jnp.where(alpha_RxK < 0, -1.0, 1.0)[:, None, :]  # [R, E, k]
     order = jnp.argsort(-jnp.abs(alpha_RxK), axis=-1)  # [R, k]
     alpha = jnp.take_along_axis(jnp.abs(alpha_RxK), order, axis=-1)
     signs = jnp.take_along_axis(signs, order[:, None, :], axis=-1)
@@ -158,32 +163,32 @@ def psd_solve(gram_BxJxJ: jax.Array, rhs_BxJ: jax.Array, rtol: float = 1e-6) -> 
     return jnp.einsum("bij,bj->bi", eigvec, coeff, precision=HIGHEST)
 
 
-def _least_squares_rows(design_RxSxJ: jax.Array, target_RxS: jax.Array) -> jax.Array:
+def _least_squares_rows(design_RxExJ: jax.Array, target_RxE: jax.Array) -> jax.Array:
     """Per-row least squares min ||D theta - t||^2 via the normal equations; [R, J]."""
-    gram = jnp.einsum("rsi,rsj->rij", design_RxSxJ, design_RxSxJ, precision=HIGHEST)
-    rhs = jnp.einsum("rsi,rs->ri", design_RxSxJ, target_RxS, precision=HIGHEST)
+    gram = jnp.einsum("rei,rej->rij", design_RxExJ, design_RxExJ, precision=HIGHEST)
+    rhs = jnp.einsum("rei,re->ri", design_RxExJ, target_RxE, precision=HIGHEST)
     return psd_solve(gram, rhs)
 
 
-def _ls_alpha_offset(x_RxS, patterns_RxS, bits):
+def _ls_alpha_offset(x_RxE, patterns_RxE, bits):
     """Least-squares (alpha, o) with codes fixed, canonicalized to alpha >= 0 sorted descending.
 
     Flipping the sign of a plane together with its scale, or permuting planes, leaves the
     level set unchanged, so the canonical form costs nothing and puts the most significant
     plane first (what nested precision truncates to).
     """
-    signs = pattern_signs(patterns_RxS, bits)  # [R, S, k]
-    design = jnp.concatenate([signs, jnp.ones_like(signs[..., :1])], axis=-1)  # [R, S, k+1]
-    theta = _least_squares_rows(design, x_RxS)
+    signs = pattern_signs(patterns_RxE, bits)  # [R, E, k]
+    design = jnp.concatenate([signs, jnp.ones_like(signs[..., :1])], axis=-1)  # [R, E, k+1]
+    theta = _least_squares_rows(design, x_RxE)
     alpha, offset = theta[:, :bits], theta[:, bits]
     return jnp.sort(jnp.abs(alpha), axis=-1)[:, ::-1], offset
 
 
-def greedy_fit_rows(x_RxS: jax.Array, bits: int):
-    """Greedy BCQ start (UNIQUAN.md "Unified initialization"): o = mean, then per plane
-    alpha_i = mean|residual|, b_i = sign(residual). Returns (alpha [R,k], offset [R], patterns [R,S])."""
-    offset = jnp.mean(x_RxS, axis=-1)
-    residual = x_RxS - offset[:, None]
+def greedy_fit_rows(x_RxE: jax.Array, bits: int):
+    """Greedy BCQ start (docs/method.md, "UniQuan: UniQuanF"): o = mean, then per plane
+    alpha_i = mean|residual|, b_i = sign(residual). Returns (alpha [R,k], offset [R], patterns [R,E])."""
+    offset = jnp.mean(x_RxE, axis=-1)
+    residual = x_RxE - offset[:, None]
     alphas, signs = [], []
     for _ in range(bits):
         b = jnp.where(residual >= 0, 1.0, -1.0)
@@ -194,34 +199,34 @@ def greedy_fit_rows(x_RxS: jax.Array, bits: int):
     return jnp.stack(alphas, -1), offset, signs_to_patterns(jnp.stack(signs, -1))
 
 
-def _row_sq_error(x_RxS, patterns, alpha, offset):
-    return jnp.sum((x_RxS - level_values(patterns, alpha) - offset[:, None]) ** 2, axis=-1)
+def _row_sq_error(x_RxE, patterns, alpha, offset):
+    return jnp.sum((x_RxE - level_values(patterns, alpha) - offset[:, None]) ** 2, axis=-1)
 
 
-def alternating_fit_rows(x_RxS: jax.Array, *, bits: int, rounds: int, init=None):
-    """Alternating BCQ fit per row (UNIQUAN.md "Unified initialization").
+def alternating_fit_rows(x_RxE: jax.Array, *, bits: int, rounds: int, init=None):
+    """Alternating BCQ fit per row (docs/method.md, "UniQuan: UniQuanF", unified initialization).
 
     Start: greedy (``init=None``) or given per-row (alpha [R,k], offset [R]) with nearest codes.
     Each round: least-squares (alpha, o) with codes fixed, then nearest-level codes with
     (alpha, o) fixed. Both steps minimize the same squared error over one block of
     variables, so the per-row error trace is non-increasing.
 
-    Returns (alpha [R,k], offset [R], patterns int32 [R,S], errors [rounds+1, R]) where
+    Returns (alpha [R,k], offset [R], patterns int32 [R,E], errors [rounds+1, R]) where
     ``errors[t]`` is the squared error after round t (t = 0: the start) and the returned
     fit is each row's best iterate.
     """
     if init is None:
-        alpha, offset, patterns = greedy_fit_rows(x_RxS, bits)
+        alpha, offset, patterns = greedy_fit_rows(x_RxE, bits)
     else:
         alpha, offset = init
-        patterns = nearest_patterns(x_RxS - offset[:, None], alpha)
-    err = _row_sq_error(x_RxS, patterns, alpha, offset)
+        patterns = nearest_patterns(x_RxE - offset[:, None], alpha)
+    err = _row_sq_error(x_RxE, patterns, alpha, offset)
 
     def one_round(carry, _):
         alpha, offset, patterns, err, best = carry
-        alpha, offset = _ls_alpha_offset(x_RxS, patterns, bits)
-        patterns = nearest_patterns(x_RxS - offset[:, None], alpha)
-        err = _row_sq_error(x_RxS, patterns, alpha, offset)
+        alpha, offset = _ls_alpha_offset(x_RxE, patterns, bits)
+        patterns = nearest_patterns(x_RxE - offset[:, None], alpha)
+        err = _row_sq_error(x_RxE, patterns, alpha, offset)
         better = err < best[3]
         best = tuple(jnp.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), n, v)
                      for n, v in zip((alpha, offset, patterns, err), best))

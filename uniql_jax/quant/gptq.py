@@ -250,7 +250,7 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
         weights, codes_DinxDout, scales_GxDout, offset_GxDout = state
         i1 = b * block
         w_blk_BxDout = jax.lax.dynamic_slice_in_dim(weights, i1, block, 0)
-        u_blk_BxB = jax.lax.dynamic_slice(upper_DinxDin, (i1, i1), (block, block))
+        u_blk = jax.lax.dynamic_slice(upper_DinxDin, (i1, i1), (block, block))  # [block, block]
 
         def group_step(g, group_state):
             w_blk, codes_blk, err_blk, scales, offsets = group_state
@@ -269,9 +269,9 @@ def _quantize_rows(w_DinxDout, upper_DinxDin, perm_Din, dead_Din, *, bits, group
                 w_blk, codes_blk, err_blk = row_state
                 w_row = w_blk[i]
                 code_row, q_row = quantize_row(w_row, *grid_of_row(i))
-                err_row = (w_row - q_row) / u_blk_BxB[i, i]  # e_i = (w_i - q_i) / U_ii
+                err_row = (w_row - q_row) / u_blk[i, i]  # e_i = (w_i - q_i) / U_ii
                 # W[j] -= U_ij e_i inside the block; U is upper-triangular, so rows < i are untouched.
-                w_blk = w_blk - u_blk_BxB[i][:, None] * err_row[None, :]
+                w_blk = w_blk - u_blk[i][:, None] * err_row[None, :]
                 codes_blk = jax.lax.dynamic_update_index_in_dim(codes_blk, code_row, i, 0)
                 err_blk = jax.lax.dynamic_update_index_in_dim(err_blk, err_row, i, 0)
                 return w_blk, codes_blk, err_blk

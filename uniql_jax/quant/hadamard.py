@@ -178,20 +178,21 @@ def hadamard_transform(x: jax.Array, axis: int = -1, signs: jax.Array | None = N
 # ----------------------------------------------------------------------------- folding
 
 
-def rotate_input_side(w: jax.Array, rotation_NxN: jax.Array, axis: int = 0) -> jax.Array:
+def rotate_input_side(w: jax.Array, rotation_FxF: jax.Array, axis: int = 0) -> jax.Array:
     """``W ← Qᵀ W`` along the input ``axis``: the layer that reads ``x Q`` instead of ``x``.
 
     For ``y = x W`` and a rotated input ``x' = x Q``: ``x' (Qᵀ W) = x Q Qᵀ W = x W``
     (QuaRot §4, "fusing the rotation into the weights"; SpinQuant R1 on the readers of
     the residual stream). ``w`` may have any rank; ``axis`` is the one contracted with
-    x (size n). Float32 arithmetic, result in ``w.dtype``.
+    x (size n; ``rotation_FxF`` is [n, n], F the rotated feature axis). Float32 arithmetic, result
+    in ``w.dtype``.
     """
     w_moved = jnp.moveaxis(w.astype(jnp.float32), axis, 0)  # [n, ...]
-    rotated = jnp.tensordot(rotation_NxN.astype(jnp.float32).T, w_moved, axes=1, precision=_HIGHEST)
+    rotated = jnp.tensordot(rotation_FxF.astype(jnp.float32).T, w_moved, axes=1, precision=_HIGHEST)
     return jnp.moveaxis(rotated, 0, axis).astype(w.dtype)
 
 
-def rotate_output_side(w: jax.Array, rotation_NxN: jax.Array, axis: int = -1) -> jax.Array:
+def rotate_output_side(w: jax.Array, rotation_FxF: jax.Array, axis: int = -1) -> jax.Array:
     """``W ← W Q`` along the output ``axis``: the layer whose output must come out rotated.
 
     ``y' = x (W Q) = y Q``, so a writer of the residual stream (o_proj, down_proj,
@@ -200,7 +201,7 @@ def rotate_output_side(w: jax.Array, rotation_NxN: jax.Array, axis: int = -1) ->
     ``[n]`` (``b' = b Q``). Float32 arithmetic, result in ``w.dtype``.
     """
     w_moved = jnp.moveaxis(w.astype(jnp.float32), axis, -1)  # [..., n]
-    rotated = jnp.matmul(w_moved, rotation_NxN.astype(jnp.float32), precision=_HIGHEST)
+    rotated = jnp.matmul(w_moved, rotation_FxF.astype(jnp.float32), precision=_HIGHEST)
     return jnp.moveaxis(rotated, -1, axis).astype(w.dtype)
 
 

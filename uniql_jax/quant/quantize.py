@@ -1,4 +1,5 @@
-"""Stage 4 driver (UNIQL.md "Stage 4"): quantize every linear weight of a sorted model, block by block.
+"""Stage 4 driver: quantize every linear weight of a sorted model, block by block (docs/method.md,
+"Stage 4: quantization").
 
 The pure cores live beside this file (``gptq.gptq_quantize``, ``rtn``); this driver
 only walks the model (``method="uniquan"`` hands over to ``uniquan_driver``; both drivers
@@ -105,7 +106,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
              tied_head_gptq: bool = False, damp: float = 0.01, act_order: bool = False,
              batch_size: int = 8, mesh=None, progress: bool = True, options: dict | None = None,
              zero_point: bool = False) -> dict:
-    """Params with every linear weight packed (API.md ``uq.quantize``); norms, biases, convs, A, D stay float.
+    """Params with every linear weight packed (``uq.quantize``, docs/api.md); norms, biases, convs, A, D stay float.
 
     `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
     pruned so that every stored rate slices whole groups; weights of an axis whose

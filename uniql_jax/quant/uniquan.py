@@ -1,6 +1,6 @@
 """UniQuanF: binary-coding quantization trained like uniform quantization (pure core).
 
-Implements UNIQUAN.md "UniQuanF" for one linear weight, ``W [Din, Dout]`` (``y = x @ W``)
+Implements docs/method.md, "UniQuan: UniQuanF", for one linear weight, ``W [Din, Dout]`` (``y = x @ W``)
 with groups of ``group_size`` along ``Din`` (``axis=0``) or any weight grouped along its
 quantized ``axis``, and a generic block-reconstruction driver. Everything is a pure
 function of arrays; the model walk lives elsewhere.
@@ -15,6 +15,9 @@ Per row, with ``c = (2^k - 1) / 2``:
 * fixed ``UniQuanBuffers``: ``zero [R]`` (UQ zero point ``z``), ``shift [R]`` (BCQ
   offset ``z_b`` of the normalized fit) and ``patterns int32 [R, g]`` (the current
   assignment: each weight's sign pattern, ``bcq_fit.sign_table``).
+
+Name suffixes follow docs/method.md ("Notation and shape letters"): ``_RxE`` is the row
+layout, E = g elements per row; ``_RxK`` holds K = k bits per row.
 
 Forward (``fake_quant``), with ``Delta = exp(delta1 + delta2 + delta3)``:
 
@@ -79,7 +82,7 @@ def _half_range(bits: int) -> float:
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "axis", "rounds", "clip_ratios"))
 def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rounds: int = 15,
                  clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
-    """UNIQUAN.md "Unified initialization" for ``W [Din, Dout]`` (groups along ``axis``).
+    """Unified initialization (docs/method.md, "UniQuan: UniQuanF") for ``W [Din, Dout]`` (groups along ``axis``).
 
     For each clipping ratio r: UQ min-max step ``s = r (max - min) / (2^k - 1)`` and a
     zero point centring the range, normalize ``x' = w / s + z - c``, run the
@@ -129,16 +132,16 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rou
 # ---------------------------------------------------------------------------
 
 
-def transform_rows(w_RxG: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers):
+def transform_rows(w_RxE: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers):
     """Step 1: ``w~ = w / exp(d1 + d2 + d3) + z`` and ``u = w~ - z_b - c`` (both [R, g])."""
     c = _half_range(qp.alpha.shape[-1])
     delta = jnp.exp(qp.delta1[:, None] + qp.delta2 + qp.delta3[:, None])
-    w_tilde = w_RxG / delta + qb.zero[:, None]
+    w_tilde = w_RxE / delta + qb.zero[:, None]
     return w_tilde, w_tilde - qb.shift[:, None] - c
 
 
-def local_patterns(u_RxS: jax.Array, alpha_RxK: jax.Array, prev_patterns_RxS: jax.Array) -> jax.Array:
-    """Local mapping (UNIQUAN.md "UniQuanF", step 2): search only the previous level and its
+def local_patterns(u_RxE: jax.Array, alpha_RxK: jax.Array, prev_patterns_RxE: jax.Array) -> jax.Array:
+    """Local mapping (docs/method.md, "UniQuan: UniQuanF", step 2): search only the previous level and its
     two neighbours *in value order*.
 
     Uses the same decision boundaries as ``bcq_fit.nearest_patterns``, so whenever the nearest
@@ -149,9 +152,9 @@ def local_patterns(u_RxS: jax.Array, alpha_RxK: jax.Array, prev_patterns_RxS: ja
     R = mids.shape[0]
     inf = jnp.full((R, 1), jnp.inf, mids.dtype)
     bounds = jnp.concatenate([-inf, mids, inf], axis=-1)  # [R, L+1]; rank r spans (bounds[r], bounds[r+1]]
-    rank = jnp.take_along_axis(rank_of_pattern, prev_patterns_RxS, axis=-1)  # [R, S]
-    up = u_RxS > jnp.take_along_axis(bounds, rank + 1, axis=-1)
-    down = u_RxS <= jnp.take_along_axis(bounds, rank, axis=-1)
+    rank = jnp.take_along_axis(rank_of_pattern, prev_patterns_RxE, axis=-1)  # [R, E]
+    up = u_RxE > jnp.take_along_axis(bounds, rank + 1, axis=-1)
+    down = u_RxE <= jnp.take_along_axis(bounds, rank, axis=-1)
     rank = rank + up.astype(jnp.int32) - down.astype(jnp.int32)
     return jnp.take_along_axis(pattern_at_rank, rank, axis=-1)
 
@@ -180,7 +183,7 @@ def full_assignment(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers) -> UniQ
 def fake_quant(W: jax.Array, qp: UniQuanParams, qb: UniQuanBuffers, *, gradient_filtering: bool = True) -> jax.Array:
     """Transform -> map (fixed assignment ``qb.patterns``) -> de-transform; float32, shape of W.
 
-    Gradients (UNIQUAN.md "Gradients"): straight-through from the mapped level to ``w~``
+    Gradients (docs/method.md, "UniQuan: UniQuanF", gradients): straight-through from the mapped level to ``w~``
     (reaching delta1, delta2, delta3), ``s`` directly, and ``dq/dalpha_i = b_i`` exactly
     (q is linear in alpha). Gradient filtering: where ``|u - q| > min_i |alpha_i|`` both
     the straight-through and the alpha path are cut for that element.
@@ -269,7 +272,7 @@ def reconstruct_block(
     progress: Callable[[int, float], None] | None = None,
     log_every: int = 100,
 ) -> dict:
-    """UniQuanF block-by-block reconstruction (UNIQUAN.md "Objective"), folded to BCQ.
+    """UniQuanF block-by-block reconstruction (docs/method.md, "UniQuan: UniQuanF", objective), folded to BCQ.
 
     ``apply_fn(params, x)`` is the block's pure forward; ``linear_paths`` name weights
     ``[Din, Dout]`` inside the nested-dict ``block_params`` (tuples of keys or "a/b/c"),

@@ -1,4 +1,5 @@
-"""Stage 4 with UniQuan (UNIQUAN.md): block-by-block UniQuanF reconstruction, folded to plain BCQ.
+"""Stage 4 with UniQuan: block-by-block UniQuanF reconstruction, folded to plain BCQ (docs/method.md,
+"UniQuan: UniQuanF").
 
 The pure cores are ``uniquan`` (unified init, fake quantization, ``reconstruct_block``)
 and ``bcq`` (the packed ``BCQArray``, slicing, nested planes); this driver walks the
@@ -13,7 +14,7 @@ model, in the same frame as the GPTQ driver (``quantize.py``):
   full-precision model (block inputs ``x_fp``, block outputs ``y_fp``) and the
   already-quantized prefix (``x_q``, starting from the quantized embedding). Each
   block is trained to map an element-wise mix of ``x_fp`` / ``x_q`` onto ``y_fp``
-  (UNIQUAN.md "Objective"), folded to ``BCQArray``, and ``x_q`` is pushed through the
+  (docs/method.md, "UniQuan: UniQuanF", objective), folded to ``BCQArray``, and ``x_q`` is pushed through the
   folded block;
 * embeddings: per-row round-to-nearest (``rtn.rtn_quantize_embedding``, as for GPTQ;
   a tied head reads them); an untied lm_head: BCQ reconstructed on its logits like a
@@ -47,7 +48,7 @@ from uniql_jax.quant.plan import group_size_for, kept_sizes, linear_contractions
 log = logging.getLogger(__name__)
 F32 = jnp.float32
 BLOCK_KINDS = ("attention", "mlp", "mamba2")
-HEAD_LOGITS_BUDGET = 1 << 30  # bytes of float32 fp logits [N, T, V] the lm_head reconstruction may hold
+HEAD_LOGITS_BUDGET = 1 << 30  # bytes of float32 fp logits [W, T, V] the lm_head reconstruction may hold
 
 
 # ---------------------------------------------------------------------------
@@ -82,10 +83,10 @@ def _shared_blk(blk):
     return dataclasses.replace(blk, layer=0)
 
 
-def propagate(cfg: ModelConfig, blk, block_params: dict, x_NxTxD: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
-    """Block outputs x + update for every window (host float32 [N, T, D]), data-parallel over `mesh`
+def propagate(cfg: ModelConfig, blk, block_params: dict, x_WxTxD: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
+    """Block outputs x + update for every window (host float32 [W, T, D]), data-parallel over `mesh`
     (across processes too: every process gets every window's outputs)."""
-    return calibration.propagate_all(cfg, blk, block_params, x_NxTxD, batch_size=batch_size, mesh=mesh)
+    return calibration.propagate_all(cfg, blk, block_params, x_WxTxD, batch_size=batch_size, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,7 +118,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size
              seed: int = 0, batch_size: int = 8, mesh=None, progress: bool = True) -> dict:
     """Params with every linear weight a ``BCQArray`` (``uq.quantize(..., method="uniquan")``).
 
-    calib: int32 [N, T] windows. Per block, UniQuanF reconstruction
+    calib: int32 [W, T] windows. Per block, UniQuanF reconstruction
     (``uniquan.reconstruct_block``): ``steps`` Adam steps with cosine decay (``lr`` for
     the deltas, ``lr * alpha_lr_ratio`` for alpha; paper: 2560 steps, 5e-3 / 5e-4),
     ``windows_per_step`` calibration windows per step (paper: 1), quantized-prefix
@@ -126,7 +127,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, bits: int = 4, group_size
     slices whole groups; weights whose kept sizes share no multiple of 8 stay in 16 bits
     (logged), exactly the weights the GPTQ driver leaves. An untied lm_head is
     reconstructed on its logits for ``head_steps`` steps (default: ``steps`` when the fp
-    logits of all windows, float32 [N, T, V], fit in ``HEAD_LOGITS_BUDGET``, else 0);
+    logits of all windows, float32 [W, T, V], fit in ``HEAD_LOGITS_BUDGET``, else 0);
     0 steps is the unified-init BCQ fit alone (weight error, no data).
     The embedding table is per-row RTN at `embedding_bits` (default `bits`), as in the GPTQ driver.
     Norms, biases, convs, A, D, dt stay float.

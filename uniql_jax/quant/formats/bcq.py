@@ -1,6 +1,6 @@
 """Packed binary-coding quantized weights (BCQ): the format (fitting lives in ``quant/bcq_fit.py``).
 
-UNIQUAN.md, "Two formats": a k-bit BCQ weight is ``w = sum_i alpha_i * b_i + o``
+(docs/method.md, "UniQuan: formats"): a k-bit BCQ weight is ``w = sum_i alpha_i * b_i + o``
 with ``b_i in {-1, +1}``, ``k`` scales ``alpha_i`` and one offset ``o`` per group
 (``group_size`` contiguous weights along the matmul input axis ``axis``).
 
@@ -122,7 +122,7 @@ def patterns_of(b: BCQArray) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(b: BCQArray, dtype: Any = jnp.float32) -> jax.Array:
-    """w = sum_i alpha_i b_i + o (UNIQUAN.md "Two formats"), float32 arithmetic, cast to `dtype`."""
+    """w = sum_i alpha_i b_i + o (docs/method.md, "UniQuan: formats"), float32 arithmetic, cast to `dtype`."""
     signs = signs_of(b)  # pre + (n, k) + post
     alpha = qarray.expand_groups(b.alpha.astype(jnp.float32), b.group_size, b.axis)  # pre + (n, k) + post
     offset = qarray.expand_groups(b.offset.astype(jnp.float32), b.group_size, b.axis)  # logical shape
@@ -193,7 +193,8 @@ def drop_planes(b: BCQArray, k_new: int, alpha_new=None, offset_new=None) -> BCQ
 
 
 def uniform_as_bcq(scale, zero, bits: int):
-    """UNIQUAN.md "Bridge": UQ(s, z) == BCQ with alpha_i = s 2^(k-2-i), o = s((2^k-1)/2 - z).
+    """UQ(s, z) == BCQ with alpha_i = s 2^(k-2-i), o = s((2^k-1)/2 - z) (the bridge of docs/method.md,
+    "UniQuan: formats").
 
     ``scale``, ``zero`` [...] -> (alpha [..., k], offset [...]) in float32; the sign
     pattern of a weight is its UQ code.
