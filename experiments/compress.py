@@ -51,6 +51,10 @@ def build_parser():
     p.add_argument("--tied-head", choices=("gptq", "rtn"), default="gptq",
                    help="a tied embedding table is also the output head: quantize it with GPTQ on the final "
                         "hidden states (gptq, default) or per row with round-to-nearest (rtn); --quantizer gptq only")
+    p.add_argument("--quantizer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the quantizer's driver, repeatable, e.g. --quantizer-option steps=2560 for "
+                        "uniquan (its keys: steps, lr, alpha_lr_ratio, windows_per_step, mix_prob, period, "
+                        "head_steps, seed)")
     p.add_argument("--zero-point", action="store_true",
                    help="uniform grids with a per-group offset (min/max, like GGUF Q4_1) instead of symmetric ones; "
                         "--quantizer gptq or rtn")
@@ -75,9 +79,11 @@ def build_parser():
 
 
 def check_args(args):
+    from uniql_jax.compress.allocate import MAX_PRUNE
+
     rates = common.parse_rates(args.rates)
-    if rates[-1] > 0.85:
-        raise common.UsageError(f"--rates above 0.85 are not supported, got {rates[-1]:g}")
+    if rates[-1] > MAX_PRUNE:
+        raise common.UsageError(f"--rates above {MAX_PRUNE:g} are not supported, got {rates[-1]:g}")
     if 0.0 not in rates:
         rates = [0.0] + rates
     if args.bits not in (2, 3, 4, 8):
@@ -107,11 +113,33 @@ def check_args(args):
             raise common.UsageError(f"--model {args.model} is a {arch} checkpoint, not {args.arch}")
         args.arch = arch
     out = user_path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    args.quantizer_options = quantizer_options(args.quantizer, args.quantizer_option)
     if args.zero_point and args.quantizer not in ("gptq", "rtn"):
         raise common.UsageError(f"--zero-point applies to --quantizer gptq or rtn, not {args.quantizer}")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
     return rates, out
+
+
+def quantizer_options(method: str, pairs: list[str]) -> tuple:
+    """((key, value), ...) of --quantizer-option KEY=VALUE, each value parsed as its default's type."""
+    from uniql_jax.quant.quantize import method_options
+
+    allowed = method_options(method)
+    out = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise common.UsageError(f"--quantizer-option {pair!r}: expected KEY=VALUE")
+        if key not in allowed:
+            raise common.UsageError(f"--quantizer-option {key!r}: --quantizer {method} takes "
+                                    f"{', '.join(sorted(allowed)) if allowed else 'no options'}")
+        kind = type(allowed[key]) if allowed[key] is not None else int
+        try:
+            out.append((key, kind(text)))
+        except ValueError:
+            raise common.UsageError(f"--quantizer-option {key}={text!r}: not a {kind.__name__}") from None
+    return tuple(out)
 
 
 def pipeline_config(args, rates):
@@ -121,7 +149,8 @@ def pipeline_config(args, rates):
     return CompressConfig(
         arch=args.arch, model=args.model, quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
         keep_embeddings_16bit=args.keep_embeddings_16bit, embedding_bits=args.embedding_bits,
-        tied_head=args.tied_head, zero_point=args.zero_point, finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
+        tied_head=args.tied_head, zero_point=args.zero_point, quantizer_options=args.quantizer_options,
+        finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
         finetune_lr=args.finetune_lr, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         rates=tuple(rates), allocation=args.allocation, eval=args.eval, eval_windows=args.eval_windows,
         seed=args.seed, default_data=WIKITEXT2 if args.model is not None else None,

@@ -4,6 +4,9 @@ Properties: round trips are bit-exact (dense, QArray, BCQArray), a load at a rat
 bit-exact ``prune`` of the full model, a rate reads only what it keeps (bytes counted
 by TensorStore), a switched rate never touches the disk and never recompiles, and
 every bad input is one clear error.
+
+(Over 400 lines on purpose: the save/load, rate and ElasticModel tests share one set of
+module-scoped fixtures, a dense and a quantized model saved once.)
 """
 
 import json

@@ -103,10 +103,11 @@ def printed(path: Path) -> str:
 
 def load_run(folder: Path):
     from uniql_jax import checkpoint
+    from uniql_jax.checkpoint.layout import raw_arrays
 
     info = checkpoint.read_info(folder / "checkpoint")
     _, params = checkpoint.load(folder / "checkpoint")
-    raw = {k: np.asarray(v) for k, v in checkpoint.raw_arrays(params).items()}
+    raw = {k: np.asarray(v) for k, v in raw_arrays(params).items()}
     report = json.loads((folder / "report.json").read_text())
     return info, raw, report
 

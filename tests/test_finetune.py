@@ -1,6 +1,8 @@
 """Masked LoRA fine-tuning (uniql_jax/finetune/): properties that fail when the code is wrong.
 
 Tiny random models keep compilation short; the learning test uses the real stories260K.
+(Over 400 lines on purpose: the core, the driver and the resume tests share the
+kill-and-resume fixture, whose compiled step the other tests reuse.)
 """
 
 import dataclasses

@@ -8,6 +8,7 @@ from uniql_jax.compress.allocate import allocate
 from uniql_jax.compress.prune import prune
 from uniql_jax.compress.sort import sort
 from uniql_jax.config import ARCHS, AttentionBlock, Mamba2Block, MLPBlock, ModelConfig
+from uniql_jax.elastic import ElasticModel
 from uniql_jax.eval import perplexity
 from uniql_jax.inference import decode_step, forward, generate
 from uniql_jax.models.cache import init_cache
@@ -16,7 +17,7 @@ from uniql_jax.quant.quantize import quantize
 
 __all__ = [
     "ARCHS", "AttentionBlock", "MLPBlock", "Mamba2Block", "ModelConfig",
-    "save", "load",
+    "save", "load", "ElasticModel",
     "sort", "allocate", "prune", "quantize", "perplexity",
     "forward", "decode_step", "generate", "init_cache", "init_params",
 ]

@@ -237,3 +237,23 @@ def test_model_without_calibration_data_offline_asks_for_calib(tmp_path):
     assert_one_line_error(proc, "no --calib given", "wikitext", "pass --calib")
     assert not (tmp_path / "o").exists()
     assert_no_hidden_siblings(tmp_path)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--quantizer", "uniquan", "--quantizer-option", "stepz=3"], "stepz"),
+    (["--quantizer", "uniquan", "--quantizer-option", "steps=many"], "steps"),
+    (["--quantizer", "uniquan", "--quantizer-option", "steps"], "KEY=VALUE"),
+    (["--quantizer", "gptq", "--quantizer-option", "steps=3"], "no options"),
+    (["--quantizer", "uniquan", "--zero-point"], "--zero-point"),
+])
+def test_bad_quantizer_settings(tmp_path, args, needle):
+    proc = run_cli("experiments.compress", "--arch", "llama", *args, "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantizer_options_parse_to_the_driver_types():
+    from experiments.compress import quantizer_options
+
+    assert quantizer_options("uniquan", ["steps=7", "lr=0.002", "head_steps=0"]) == (
+        ("steps", 7), ("lr", 0.002), ("head_steps", 0))

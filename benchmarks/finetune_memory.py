@@ -1,0 +1,115 @@
+"""Host memory of a masked-LoRA fine-tuning step on a real model, with and without rematerialization.
+
+    python -m benchmarks.finetune_memory [--model ../shared/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf]
+        [--batch-size 8] [--seq-len 512] [--steps 2] [--out benchmarks/cpu-finetune-memory-smollm2.json]
+
+Each setting runs in its own process (peak RSS is per process): the model is loaded, a uniform
+rate table built, and `finetune.train.train_lora` runs `--steps` steps of `--batch-size`
+windows of `--seq-len` tokens (the shape of the SmolLM2 fine-tuning run in the README), with a
+small evaluation set. Per setting: XLA's memory analysis of the compiled step (temporaries,
+arguments, outputs), the process's peak RSS, and the wall time of a step after compilation.
+
+Settings: `remat=False` (every block's activations kept for the backward pass) and
+`remat=True` (the default: each block recomputed in the backward pass, `jax.checkpoint`). Both
+run the head over 128-position chunks (`eval.head_nll_sums`), so neither holds the float32
+logits of the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+from benchmarks.real_model import REPO, SMOLLM2, WIKITEXT2_VALID
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.finetune_memory", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(SMOLLM2), help="HF folder or .gguf (default: the shared SmolLM2-135M)")
+    p.add_argument("--text", default=str(WIKITEXT2_VALID), help="training text (default: WikiText-2 valid)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "cpu-finetune-memory-smollm2.json"))
+    p.add_argument("--child", choices=("remat", "no-remat"), help=argparse.SUPPRESS)
+    return p
+
+
+def child(args) -> dict:
+    """One setting, in this process: compile and run the steps, report memory and time."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from converters import hf
+    from uniql_jax import data
+    from uniql_jax.compress import masks as mask_lib
+    from uniql_jax.compress.allocate import allocate, default_steps
+    from uniql_jax.finetune import lora as ft
+    from uniql_jax.finetune.train import EvalConfig, train_lora
+
+    remat = args.child == "remat"
+    cfg, params = hf.load(args.model)
+    tokenizer = hf.load_tokenizer(args.model)
+    text = open(args.text, encoding="utf-8").read()
+    tokens = np.asarray(data.encode_documents([text], tokenizer)[0], np.int32)
+    need = (args.steps + 1) * args.batch_size * args.seq_len
+    train, held = tokens[:need], tokens[need:need + 4 * args.seq_len]
+    table = allocate(cfg, None, None, [0.0, 0.15, 0.25, 0.35], method="uniform", steps=default_steps(cfg))
+    tc = ft.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, remat=remat)
+    lora_cfg = ft.LoraConfig()
+
+    # XLA's view of the compiled step (no execution)
+    lora = ft.init_lora(cfg, params, lora_cfg, 0)
+    state = {"lora": lora, "opt": ft.make_optimizer(tc).init(lora)}
+    _, stacked = mask_lib.mask_table(cfg, table)
+    batch = jnp.zeros((tc.grad_accum, tc.batch_size, tc.seq_len), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = ft.train_step.lower(cfg, lora_cfg, tc, state, params, batch, stacked, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla = {k: int(getattr(mem, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+           if mem is not None and hasattr(mem, k)}
+
+    t0 = time.perf_counter()
+    result = train_lora(cfg, params, table, train, held, tc, lora_cfg=lora_cfg,
+                        eval_cfg=EvalConfig(windows=4, batch_size=4), progress=False)
+    run_s = time.perf_counter() - t0
+    jax.block_until_ready(result.best_lora)
+    return {"remat": remat, "compile_s": round(compile_s, 2), "train_lora_s": round(run_s, 2),
+            "xla_step_bytes": xla, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "float32_weight_bytes": int(sum(x.size * 4 for x in jax.tree.leaves(params)))}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    rows = []
+    for setting in ("no-remat", "remat"):
+        cmd = [sys.executable, "-m", "benchmarks.finetune_memory", "--child", setting, "--model", args.model,
+               "--text", args.text, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--steps", str(args.steps)]
+        print("running", setting, flush=True)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode:
+            sys.exit(f"{setting} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    out = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+           "host": platform.node(), "cpus": os.cpu_count(), "settings": rows,
+           "note": "peak RSS per process (load, compile, steps, 4-window evaluation per rate)"}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

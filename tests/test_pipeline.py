@@ -1,0 +1,32 @@
+"""uniql_jax.pipeline.compress, the library form of `experiments.compress`: its settings reach the model."""
+
+import jax
+import numpy as np
+
+from uniql_jax import pipeline
+from uniql_jax.compress.prune import prune
+from uniql_jax.eval import perplexity
+from uniql_jax.quant.formats.packed import is_packed
+from uniql_jax.quant.formats.qarray import QArray, ZeroPointQArray
+
+SMALL = dict(arch="llama", quantizer="rtn", calib_samples=4, seq_len=32, rates=(0.0, 0.25), eval_windows=4)
+
+
+def packed_leaves(params):
+    return [x for x in jax.tree.leaves(params, is_leaf=is_packed) if is_packed(x)]
+
+
+def test_zero_point_reaches_every_packed_weight_and_the_report():
+    config = pipeline.CompressConfig(**SMALL, zero_point=True)
+    inputs = pipeline.load_inputs(config)
+    cfg, params, table, report = pipeline.compress(config, inputs)
+    leaves = packed_leaves(params)
+    assert leaves and all(isinstance(x, ZeroPointQArray) for x in leaves)
+    assert report["zero_point"] is True and report["quantizer_options"] == {}
+    # the report's perplexity at 25 % is the one of the returned model sliced to that rate
+    cfg_p, params_p = prune(cfg, params, 0.25, table)
+    ppl = perplexity(cfg_p, params_p, inputs.eval_tokens, seq_len=config.seq_len)
+    assert np.isclose(ppl, next(r["ppl"] for r in report["rates"] if r["rate"] == 0.25), rtol=1e-6)
+
+    symmetric = pipeline.compress(pipeline.CompressConfig(**SMALL), inputs)[1]
+    assert all(type(x) is QArray for x in packed_leaves(symmetric))
