@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from uniql_jax.quant.formats import qarray
+from uniql_jax.quant.formats.base import PackedWeight
 
 SCALE_DTYPE = qarray.SCALE_DTYPE
 MAX_BITS = 8
@@ -45,7 +46,7 @@ MAX_BITS = 8
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BCQArray:
+class BCQArray(PackedWeight):
     planes: jax.Array  # uint8 pre + (n//8, k) + post, see module docstring
     alpha: jax.Array  # float16 pre + (G, k) + post
     offset: jax.Array  # float16 pre + (G,) + post
@@ -55,23 +56,11 @@ class BCQArray:
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # logical shape
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.size * a.dtype.itemsize for a in (self.planes, self.alpha, self.offset)))
-
-    @property
     def dtype(self):
         return self.alpha.dtype
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight of logical shape; the models call ``w.dequantize(dtype)``."""
         return dequantize(self, dtype)
-
-    def __repr__(self):
-        return f"BCQArray(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, axis={self.axis})"
 
 
 def is_bcq(x) -> bool:

@@ -38,13 +38,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from uniql_jax.quant.formats.base import PackedWeight
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = jnp.float16
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(PackedWeight):
     """Symmetric group-wise uniform weight: ``w = scale * (code - 2**(bits-1))`` (module docstring)."""
 
     offset = None  # not a field: symmetric. `ZeroPointQArray` stores one per group.
@@ -57,25 +59,11 @@ class QArray:
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # logical shape
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes: codes, scales and (asymmetric) offsets."""
-        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self)))
-
-    @property
     def dtype(self):
         return self.scales.dtype
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight of logical shape (``dequantize``); every packed format has this method."""
         return dequantize(self, dtype)
-
-    def __repr__(self):
-        return (f"{type(self).__name__}(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, "
-                f"axis={self.axis})")
 
 
 @jax.tree_util.register_dataclass
