@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -91,18 +93,25 @@ class Inputs:
     convert_s: float  # wall time of loading all of the above
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 class Timer:
-    """Wall time per named stage, logged as it ends."""
+    """Wall time per named stage, and the process's peak memory when it ended, logged as it ends."""
 
     def __init__(self, log=print):
-        self.timings, self.log = {}, log
+        self.timings, self.peak_mb, self.log = {}, {}, log
 
     @contextlib.contextmanager
     def stage(self, name: str):
         start = time.perf_counter()  # logged when done: a failing first stage prints only its error
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        self.log(f"[{name}] done in {self.timings[name]:.1f} s")
+        self.peak_mb[name] = peak_rss_mb()  # monotone: the stage that raises it is the one that needed it
+        self.log(f"[{name}] done in {self.timings[name]:.1f} s (peak host memory so far {self.peak_mb[name]:.0f} MB)")
 
 
 # ----------------------------------------------------------------------------- convert
@@ -203,6 +212,7 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
             inputs = load_inputs(config)
     else:  # loaded by the caller: its time, logged as the stage would have been
         timer.timings["convert"] = round(inputs.convert_s, 3)
+        timer.peak_mb["convert"] = peak_rss_mb()
         log.info(f"[convert] done in {timer.timings['convert']:.1f} s")
     cfg, params, calib, eval_tokens = inputs.cfg, inputs.params, inputs.calib, inputs.eval_tokens
     seq_len = config.seq_len
@@ -215,7 +225,8 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
               "eval_windows": config.eval_windows, "embedding_bits": config.embedding_bits or config.bits,
               "tied_head": config.tied_head if cfg.tie_word_embeddings else None,
               "calib": inputs.calib_spec or str(TINYSTORIES) + " (train part)",
-              "eval": inputs.eval_spec or str(TINYSTORIES) + " (held-out part)", "timings_s": timer.timings}
+              "eval": inputs.eval_spec or str(TINYSTORIES) + " (held-out part)", "timings_s": timer.timings,
+              "peak_host_mb": timer.peak_mb}
     base_ppl = perplexity(cfg, params, eval_tokens, seq_len=seq_len)
     report["baseline"] = {"ppl": base_ppl, "param_bytes": 2 * param_count(cfg), "params": param_count(cfg)}
     log.info("baseline perplexity %.4f", base_ppl)
