@@ -4,7 +4,7 @@ A benchmark, not a test. For every model available (the real stories260K and eac
 default under ``experiments/defaults/<arch>/``):
 
 1. sort (stage 1) and allocate the rate grid (stage 2, block influence) with the
-   quantization-compatible steps of ``quantize.allocation_steps`` (every pruned input
+   quantization-compatible steps of ``quant.plan.allocation_steps`` (every pruned input
    axis a multiple of 8, so that every rate slices whole quantization groups);
 2. perplexity of the sorted float model at every rate (``evaluate_rates``);
 3. the same model quantized once with RTN and once with GPTQ (4 bits, group 128 reduced
@@ -48,7 +48,7 @@ from uniql_jax.paths import DEFAULTS, STORIES260K, TINYSTORIES
 from uniql_jax.pipeline import load_named_model
 from uniql_jax.quant.formats import packed, qarray
 from uniql_jax.quant.layout import quantized_layout
-from uniql_jax.quant.quantize import allocation_steps
+from uniql_jax.quant.plan import allocation_steps
 
 log = logging.getLogger("bench_quantization")
 MODELS = ("stories260K",) + uq.ARCHS

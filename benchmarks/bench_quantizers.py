@@ -55,9 +55,9 @@ def storage(cfg, params) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from uniql_jax.models.layers import weight
+    from uniql_jax.quant.formats.packed import dense as weight
     from uniql_jax.quant.formats import packed as formats, qarray
-    from uniql_jax.quant.quantize import linear_contractions
+    from uniql_jax.quant.plan import linear_contractions
 
     is_packed = formats.is_packed
 
@@ -91,7 +91,7 @@ def bench_model(name, arch, source, args) -> dict:
     from uniql_jax.compress.allocate import default_steps, param_count
     from uniql_jax.pipeline import load_model
     from uniql_jax.quant.layout import array_layout, to_bcq_planes
-    from uniql_jax.quant.quantize import allocation_steps
+    from uniql_jax.quant.plan import allocation_steps
     from uniql_jax.quant.uniquan_driver import nested_planes
 
     t_model = time.perf_counter()
@@ -191,7 +191,7 @@ def llama_31_8b_storage(bits_list, table_rates) -> dict:
     from uniql_jax.compress.prune import abstract_params
     from uniql_jax.quant.formats import packed
     from uniql_jax.quant.layout import quantized_layout, to_bcq_planes
-    from uniql_jax.quant.quantize import allocation_steps
+    from uniql_jax.quant.plan import allocation_steps
 
     cfg = hf.config_from_hf(LLAMA_31_8B, "Llama-3.1-8B config.json")
     table = uq.allocate(cfg, None, None, table_rates, method="uniform",

@@ -34,7 +34,7 @@ from uniql_jax import data
 from uniql_jax.compress.allocate import default_steps
 from uniql_jax.eval import blockwise_nll, window_nll, windows
 from uniql_jax.models.stacks import block_key
-from uniql_jax.quant.quantize import allocation_steps
+from uniql_jax.quant.plan import allocation_steps
 
 RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 

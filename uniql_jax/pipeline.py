@@ -37,7 +37,8 @@ from uniql_jax.finetune.train import finetune_stage
 from uniql_jax.inference import generate
 from uniql_jax.paths import DEFAULTS, STORIES260K, TINYSTORIES, InputError, user_path
 from uniql_jax.quant.formats.packed import deployed_bytes
-from uniql_jax.quant.quantize import allocation_steps, quantize
+from uniql_jax.quant.plan import allocation_steps
+from uniql_jax.quant.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def load_inputs(config: CompressConfig) -> Inputs:
 # ----------------------------------------------------------------------------- the stages
 def allocation_steps_for(cfg, quantizer: str | None, group_size: int) -> dict:
     """Rounding steps of the allocation: `default_steps`, and with a quantizer multiples that keep
-    every kept input axis whole quantization groups (``quantize.allocation_steps``)."""
+    every kept input axis whole quantization groups (``quant.plan.allocation_steps``)."""
 
     steps = default_steps(cfg)
     return allocation_steps(cfg, group_size, steps) if quantizer not in (None, "none") else steps

@@ -17,7 +17,7 @@ import pytest
 from pallas_kernels import common, dispatch
 from pallas_kernels.testing import assert_close, jit_fast
 from uniql_jax.quant import rtn
-from uniql_jax.quant.formats import bcq, qarray
+from uniql_jax.quant.formats import bcq
 
 # (spec, x shape, w shape, quantized axis, group size): the model products (attention q, o,
 # mlp down, a [heads, channels, D] product) plus a transposed-output one.

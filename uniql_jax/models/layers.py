@@ -14,8 +14,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.rope.reference import apply_rope, rope_angles  # noqa: F401  (the model's RoPE; re-exported)
-from uniql_jax.quant.formats.packed import dense as weight  # noqa: F401  (re-exported: a dense view of any weight)
 from uniql_jax.quant.formats.packed import dense_einsum, is_packed
 
 IMPLS = ("xla", "pallas")

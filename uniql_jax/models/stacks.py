@@ -20,7 +20,8 @@ from flax import nnx
 from uniql_jax.config import BlockConfig, ModelConfig
 from uniql_jax.models.attention import Attention
 from uniql_jax.models.mamba2 import Mamba2
-from uniql_jax.models.layers import dense_init, rms_norm, wdot, weight
+from uniql_jax.models.layers import dense_init, rms_norm, wdot
+from uniql_jax.quant.formats.packed import dense as weight
 from uniql_jax.models.mlp import MLP
 from uniql_jax.quant.formats import qarray
 

@@ -37,9 +37,7 @@ from uniql_jax.config import ModelConfig
 from uniql_jax.models.layers import rms_norm
 from uniql_jax.quant import gptq, rtn, uniquan_driver
 from uniql_jax.quant.formats import qarray
-from uniql_jax.quant.plan import (  # noqa: F401  (the shared calibration plan, re-exported from here)
-    QUANTIZED_INPUT_DIMS, allocation_steps, contraction_count, group_size_for, kept_sizes, linear_contractions,
-    linear_inputs)
+from uniql_jax.quant.plan import group_size_for, kept_sizes, linear_contractions, linear_inputs
 
 log = logging.getLogger(__name__)
 METHODS = ("gptq", "rtn")
