@@ -18,13 +18,18 @@ from pallas_kernels.bcq import kernel as bcq_kernel
 from pallas_kernels.rope import kernel as rope_kernel
 from pallas_kernels.w4a16 import kernel as w4a16_kernel
 from uniql_jax.quant.formats.bcq import BCQArray
-from uniql_jax.quant.formats.qarray import QArray
+from uniql_jax.quant.formats.qarray import QArray, ZeroPointQArray
 
 S = jax.ShapeDtypeStruct
 
 
 def abstract_qarray(kin, n, group_size):
     return QArray(S((kin // 2, n), jnp.uint8), S((kin // group_size, n), jnp.float16), 4, group_size, 0, (kin, n))
+
+
+def abstract_zero_point_qarray(kin, n, group_size):
+    return ZeroPointQArray(S((kin // 2, n), jnp.uint8), S((kin // group_size, n), jnp.float16), 4, group_size, 0,
+                           (kin, n), S((kin // group_size, n), jnp.float16))
 
 
 def abstract_bcq(kin, n, group_size, bits):
@@ -63,6 +68,14 @@ def test_w4a16_exports_for_cuda(kin, n, M):
 @pytest.mark.parametrize("M,kin,n,gs", [(3, 256, 200, 32), (37, 512, 72, 64)], ids=["gemv-gs32", "tiled-gs64"])
 def test_w4a16_small_groups_export_for_cuda(M, kin, n, gs, dtype):
     exported = common.export_for_cuda(w4a16_kernel.matmul, S((M, kin), dtype), abstract_qarray(kin, n, gs))
+    assert_triton_kernels(exported, "uniql_w4a16")
+
+
+@pytest.mark.parametrize("M", [1, 64])
+def test_w4a16_zero_point_exports_for_cuda(M):
+    """The offset path (w = s * code + o per group) lowers to the same one Triton kernel."""
+    exported = common.export_for_cuda(w4a16_kernel.matmul, S((M, 4096), jnp.bfloat16),
+                                      abstract_zero_point_qarray(4096, 4096, 128))
     assert_triton_kernels(exported, "uniql_w4a16")
 
 
