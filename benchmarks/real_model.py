@@ -6,10 +6,9 @@ evaluation, the validation split for calibration (``../shared/data``, never copi
 
 from __future__ import annotations
 
-from pathlib import Path
+from uniql_jax.paths import REPO, SHARED_DATA as SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+__all__ = ["REPO", "SHARED", "SMOLLM2", "WIKITEXT2_TEST", "WIKITEXT2_VALID", "add_model_and_data_args"]
 SMOLLM2 = SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKITEXT2_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 WIKITEXT2_VALID = SHARED / "wikitext-2" / "valid.txt"
