@@ -10,7 +10,8 @@ small evaluation set. Per setting: XLA's memory analysis of the compiled step (t
 arguments, outputs), the process's peak RSS, and the wall time of a step after compilation.
 
 Settings: `remat=False` (every block's activations kept for the backward pass) and
-`remat=True` (each block recomputed in the backward pass, `jax.checkpoint`). Both
+`remat=True`, the default (runs of identical blocks scanned under `jax.checkpoint`, each block
+recomputed in the backward pass with its adapters merged inside; `eval.rematerialized_blocks`). Both
 run the head over 128-position chunks (`eval.head_nll_sums`), so neither holds the float32
 logits of the whole batch.
 """

@@ -178,6 +178,28 @@ def test_training_loss_at_each_rate_equals_the_sliced_merged_model():
     assert abs(losses[0] - losses[1]) > 1e-4  # the rates really differ
 
 
+@pytest.mark.parametrize("name", ["llama", "bamba"])
+def test_remat_loss_merges_inside_the_scan_and_equals_the_merged_forward(name):
+    """With remat, each block's adapters are merged inside its recomputed (scanned) body: the
+    loss and its gradient w.r.t. the adapters equal those of the merged model, with dropout on
+    (the same adapter rows dropped: the key folds the block's index, traced or not) and masks."""
+    cfg, params = model(name)
+    table = uniform_table(cfg, [0.25])
+    lora_cfg = ft.LoraConfig(dropout=0.3)
+    lora = random_adapters(cfg, params, lora_cfg)
+    tokens = jnp.asarray(synthetic_stream(2 * 24).reshape(2, 24))
+    masks = mask_lib.masks_for_rate(cfg, 0.25, table)
+    key = jax.random.PRNGKey(7)
+    grad = jax.jit(jax.value_and_grad(ft.loss), static_argnums=(2, 3, 7))
+    v0, g0 = grad(lora, params, cfg, lora_cfg, tokens, masks, key, False)
+    v1, g1 = grad(lora, params, cfg, lora_cfg, tokens, masks, key, True)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-12, err_msg=str(path))
+    v_nodrop, _ = grad(lora, params, cfg, lora_cfg, tokens, masks, None, True)
+    assert abs(float(v_nodrop) - float(v1)) > 1e-5  # dropout really acts in the scanned path
+
+
 def test_rate_sampling_favours_heavy_pruning_as_specified():
     n, steps = 8, 20000
     idx = np.asarray(jax.vmap(lambda s: ft.sample_rate_index(0, s, n))(jnp.arange(steps)))

@@ -59,11 +59,20 @@ def window_nll(cfg: ModelConfig, params, batch, *, impl="xla", masks=None, remat
     (`rematerialized_blocks`): a gradient then holds the residual stream between
     blocks and one block's activations, not the whole model's.
     Perplexity runs block by block instead (`BlockwiseNLL`)."""
+    return window_nll_core(cfg, params, batch, impl=impl, masks=masks, remat=remat)
+
+
+def window_nll_core(cfg: ModelConfig, params, batch, *, impl="xla", masks=None, remat: bool = False,
+                    adapt=None, adapters=None):
+    """`window_nll`, not jitted; with remat, `adapt(index, block_params, adapters[index]) -> block_params`
+    (e.g. merging LoRA adapters) runs inside each block's recomputed body (`rematerialized_blocks`)."""
     if not remat:
+        if adapt is not None:
+            raise ValueError("adapt needs remat=True (merge the adapters into params instead)")
         h, _ = bind(cfg, params).hidden(batch, _positions(batch), None, masks, impl)
         return head_nll_sums(cfg, params["embed"], params.get("lm_head"), h[:, :-1], batch[:, 1:], impl)
     x = embed_lookup(params["embed"], batch, params["final_norm"].dtype)  # the compute dtype (norms stay float)
-    x = rematerialized_blocks(cfg, params["blocks"], x, masks, impl)
+    x = rematerialized_blocks(cfg, params["blocks"], x, masks, impl, adapt=adapt, adapters=adapters)
     h = rms_norm(x[:, :-1], params["final_norm"], cfg.rms_norm_eps)  # [B, T-1, D]
     return head_nll_sums(cfg, params["embed"], params.get("lm_head"), h, batch[:, 1:], impl)
 
@@ -89,7 +98,7 @@ def repeated_runs(keys: list, max_period: int = 8) -> list[tuple[int, int, int]]
     return runs
 
 
-def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl):
+def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, *, adapt=None, adapters=None):
     """The residual stream through every block, each block's activations recomputed in the backward pass.
 
     Runs of identical blocks (`repeated_runs` over `block_key`) go through a `lax.scan`
@@ -100,28 +109,35 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl):
     temporaries for 8 SmolLM2 blocks of 8 x 512 tokens, against 1.80 GB without
     remat); a loop body cannot be merged with the forward pass. A block that repeats
     nothing runs alone under `jax.checkpoint` (which XLA:CPU may undo).
+
+    `adapt(index, block_params, adapters[index])`, when given, transforms a block's
+    params inside the body (`index` traced in a scan), e.g. merges LoRA adapters.
     """
     x = x_BxTxD
     keys = [block_key(cfg, blk) for blk in cfg.blocks]
     for start, period, reps in repeated_runs(keys):
         unit = [_block_residual(cfg, cfg.blocks[start + j], impl) for j in range(period)]
 
-        def body(x, unit_inputs, unit=unit):
-            unit_params, unit_masks = unit_inputs
+        def body(x, unit_inputs, unit=unit, start=start, period=period):
+            r, unit_params, unit_adapters, unit_masks = unit_inputs
             for j, run in enumerate(unit):
-                x = run(unit_params[j], x, None if unit_masks is None else unit_masks[j])
+                bp = unit_params[j]
+                if adapt is not None:
+                    bp = adapt(start + r * period + j, bp, unit_adapters[j])
+                x = run(bp, x, None if unit_masks is None else unit_masks[j])
             return x, None
 
-        def inputs(r):
+        def inputs(r, start=start, period=period):
             idx = range(start + r * period, start + (r + 1) * period)
-            return [blocks[i] for i in idx], None if masks is None else [masks[i] for i in idx]
+            pick = lambda tree: None if tree is None else [tree[i] for i in idx]  # noqa: E731
+            return pick(blocks), pick(adapters), pick(masks)
 
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         if reps == 1:
-            x, _ = body(x, inputs(0))
+            x, _ = body(x, (0, *inputs(0)))
         else:
             stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[inputs(r) for r in range(reps)])
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, (jnp.arange(reps), *stacked))
     return x
 
 

@@ -56,7 +56,7 @@ import optax
 
 from uniql_jax.compress import masks as mask_lib
 from uniql_jax.config import ModelConfig
-from uniql_jax.eval import window_nll
+from uniql_jax.eval import window_nll, window_nll_core
 
 F32 = jnp.float32
 
@@ -113,8 +113,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (M)
     seq_len: int = 256  # tokens per packed window (T)
     compute_dtype: str = "float32"  # dtype of the frozen weights and activations: one of COMPUTE_DTYPES
-    remat: bool = False  # recompute each block's activations in the backward pass (measured on SmolLM2: -5 % step
-    # temporaries, +12 % time; benchmarks/cpu-finetune-memory-smollm2.json)
+    remat: bool = True  # recompute each block's activations in the backward pass (SmolLM2, 8 x 512 tokens: step
+    # temporaries 13.4 -> 1.3 GB at about +20 % step time; benchmarks/cpu-finetune-memory-smollm2.json)
     seed: int = 0  # batch order, rates, dropout and the initial A: all functions of (seed, step)
 
     def __post_init__(self):
@@ -183,21 +183,25 @@ def merge(params: dict, lora: dict, lora_cfg: LoraConfig, dropout_key=None) -> d
     lora_cfg.dropout and the rest rescaled (module docstring). Pure and differentiable
     in `lora`; the merge is done in float32 and cast back to W's dtype.
     """
-    blocks = []
-    for i, (bp, adapters) in enumerate(zip(params["blocks"], lora["blocks"])):
-        bp = dict(bp)
-        for j, (name, ad) in enumerate(sorted(adapters.items())):
-            A = ad["A"]  # [d_in, r]
-            if dropout_key is not None and lora_cfg.dropout > 0.0:
-                k = jax.random.fold_in(jax.random.fold_in(dropout_key, i), j)
-                keep_Din = jax.random.bernoulli(k, 1.0 - lora_cfg.dropout, (A.shape[0],))
-                A = A * (keep_Din.astype(F32) / (1.0 - lora_cfg.dropout))[:, None]
-            for part, B in ad["B"].items():  # B [r, d_out_part]
-                W = bp[part]  # the part's elastic layout, d_in · d_out_part elements
-                delta = (lora_cfg.scale * (A @ B)).reshape(W.shape)
-                bp[part] = (W.astype(F32) + delta).astype(W.dtype)
-        blocks.append(bp)
+    blocks = [merge_block(bp, adapters, i, lora_cfg, dropout_key)
+              for i, (bp, adapters) in enumerate(zip(params["blocks"], lora["blocks"]))]
     return {**params, "blocks": blocks}
+
+
+def merge_block(block_params: dict, adapters: dict, index, lora_cfg: LoraConfig, dropout_key=None) -> dict:
+    """`merge` of one block (its position `index` in the model, possibly traced: the dropout key's fold)."""
+    bp = dict(block_params)
+    for j, (name, ad) in enumerate(sorted(adapters.items())):
+        A = ad["A"]  # [d_in, r]
+        if dropout_key is not None and lora_cfg.dropout > 0.0:
+            k = jax.random.fold_in(jax.random.fold_in(dropout_key, index), j)
+            keep_Din = jax.random.bernoulli(k, 1.0 - lora_cfg.dropout, (A.shape[0],))
+            A = A * (keep_Din.astype(F32) / (1.0 - lora_cfg.dropout))[:, None]
+        for part, B in ad["B"].items():  # B [r, d_out_part]
+            W = bp[part]  # the part's elastic layout, d_in · d_out_part elements
+            delta = (lora_cfg.scale * (A @ B)).reshape(W.shape)
+            bp[part] = (W.astype(F32) + delta).astype(W.dtype)
+    return bp
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -243,9 +247,16 @@ def loss(lora: dict, base: dict, cfg: ModelConfig, lora_cfg: LoraConfig, tokens_
          remat: bool = False):
     """Mean next-token NLL (float32) of the masked forward of the merged model (tokens 2..T of each window).
 
-    `remat`: recompute block activations in the backward pass (`eval.window_nll`); same value and gradient."""
-    merged = merge(base, lora, lora_cfg, dropout_key)
-    nll_B = window_nll(cfg, merged, tokens_BxT, masks=masks, remat=remat)
+    `remat`: recompute block activations in the backward pass (`eval.window_nll_core`),
+    merging each block's adapters inside its recomputed body, so neither the merged
+    weights nor their gradient exist for the whole model at once; same value and gradient."""
+    if remat:
+        def adapt(index, block_params, adapters):
+            return merge_block(block_params, adapters, index, lora_cfg, dropout_key)
+
+        nll_B = window_nll_core(cfg, base, tokens_BxT, masks=masks, remat=True, adapt=adapt, adapters=lora["blocks"])
+    else:
+        nll_B = window_nll(cfg, merge(base, lora, lora_cfg, dropout_key), tokens_BxT, masks=masks)
     return jnp.sum(nll_B) / (tokens_BxT.shape[0] * (tokens_BxT.shape[1] - 1))
 
 
