@@ -112,6 +112,34 @@ def load_run(folder: Path):
     return info, raw, report
 
 
+def job_results(log_dir: Path, processes: int) -> list[dict]:
+    """The JSON line each process of a `tests.multiprocess_jobs` job printed last."""
+    return [json.loads(printed(log_dir / f"p{i}.out").strip().splitlines()[-1]) for i in range(processes)]
+
+
+def manifest_without_provenance(folder: Path) -> dict:
+    """A checkpoint's manifest body less what differs between two saves of the same model (the data
+    folder's name and files, creation time, versions, argv)."""
+    from uniql_jax import checkpoint
+
+    body = dict(checkpoint.read_info(folder).body)
+    for key in ("data", "files", "provenance"):
+        body.pop(key)
+    return body
+
+
+def data_bytes_by_writer(folder: Path) -> dict[str, int]:
+    """Bytes of the OCDBT data files of a checkpoint, per folder that holds them ("." or ocdbt.process_<i>)."""
+    from tests.helpers import data_dir
+
+    out: dict[str, int] = {}
+    for f in data_dir(folder).rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            writer = f.parent.parent.relative_to(data_dir(folder)).as_posix()
+            out[writer] = out.get(writer, 0) + f.stat().st_size
+    return out
+
+
 def ppl_rows(report) -> dict:
     return {key: [r["ppl"] for r in report[key]] for key in ("rates_16bit", "rates")} | {
         "baseline": [report["baseline"]["ppl"]]}
@@ -196,6 +224,8 @@ def test_two_processes_compress_bit_identical_to_one_process(tmp_path, reference
     assert not differ, f"arrays not bit-identical: {differ}"
     assert any(k.endswith("codes") for k in raw_a)  # GPTQ codes among them
     assert ppl_rows(rep_a) == ppl_rows(rep_b)
+    # the collective save recorded the same manifest (config, table, layout, storage splits, CRC-32 per box)
+    assert manifest_without_provenance(ref / "checkpoint") == manifest_without_provenance(out / "checkpoint")
     # process 0 printed the table, process 1 printed nothing; nothing but the run folder was written
     assert "rate" in printed(tmp_path / "logs" / "p0.out")
     assert printed(tmp_path / "logs" / "p1.out").strip() == ""
@@ -214,6 +244,47 @@ def test_two_processes_evaluate_the_saved_checkpoint(tmp_path, reference_run, co
     report = json.loads((ref / "report.json").read_text())
     assert [r["ppl"] for r in rows] == [r["ppl"] for r in report["rates"]]
     assert printed(tmp_path / "logs" / "p1.out").strip() == ""
+
+
+def test_collective_save_and_sharded_load_across_two_processes(tmp_path, compile_cache):
+    """A model sharded over a "model" axis that spans both processes (2 processes x 2 devices, model axis 4):
+
+    * saved collectively, each process writes the shards it owns (both processes' OCDBT folders hold
+      a large share of the data), and the checkpoint equals the one 1 process x 4 devices saves:
+      every array at every rate bit-identical, the same manifest apart from provenance;
+    * loaded with ``mesh=``, each process reads at most 60 % of what a whole load of the rate reads
+      (TensorStore's byte counter), and the arrays, all-gathered, are the whole load's bit for bit,
+      for its own checkpoint and for the one written by a single process."""
+    from uniql_jax import checkpoint
+    from uniql_jax.checkpoint.layout import raw_arrays
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["checkpoint", "--model-axis", "4"]
+    walls = {"one": run_job("tests.multiprocess_jobs", args + ["--out", str(one)], processes=1, devices=4,
+                            log_dir=tmp_path / "logs-one", timeout=300, cache=compile_cache),
+             "two": run_job("tests.multiprocess_jobs", args + ["--out", str(two), "--also", str(one)], processes=2,
+                            devices=2, log_dir=tmp_path / "logs-two", timeout=300, cache=compile_cache)}
+    results = job_results(tmp_path / "logs-two", 2)
+    info = checkpoint.read_info(two)
+    assert sorted(map(float, results[0]["rates"])) == sorted(info.rates)
+    for res in results:
+        assert res["also_identical"] is True
+        for rate, counts in res["rates"].items():
+            assert counts["identical"], (res["process"], rate)
+            assert 0 < counts["mine"] <= 0.6 * counts["whole"], (res["process"], rate, counts)
+    for rate in info.rates:  # every stored array, bit-identical to the single-process save
+        a = raw_arrays(checkpoint.load(one, rate)[1])
+        b = raw_arrays(checkpoint.load(two, rate)[1])
+        assert set(a) == set(b)
+        assert all(a[k].dtype == b[k].dtype and np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    assert manifest_without_provenance(one) == manifest_without_provenance(two)
+    written = {k: v for k, v in data_bytes_by_writer(two).items() if k.startswith("ocdbt.process_")}
+    assert set(written) == {"ocdbt.process_0", "ocdbt.process_1"}, written  # (the root: OCDBT's merged index)
+    assert min(written.values()) > 0.4 * sum(written.values()), written  # each wrote about its half
+    print(f"\nbytes read per process (sharded / whole): " + "; ".join(
+        f"p{res['process']} rate {rate}: {c['mine']} / {c['whole']} ({c['mine'] / c['whole']:.0%})"
+        for res in results for rate, c in res["rates"].items())
+        + f"; data written per process: {written}; wall: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s")
 
 
 def test_a_dead_process_fails_the_job_without_a_checkpoint(tmp_path, compile_cache):
