@@ -287,6 +287,44 @@ def test_collective_save_and_sharded_load_across_two_processes(tmp_path, compile
         + f"; data written per process: {written}; wall: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s")
 
 
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    """The offline local lm-eval tasks of tests/test_harness.py (a cloze and a rolling log-likelihood task)."""
+    from uniql_jax import data
+    from uniql_jax.accuracy import write_text_tasks
+    from uniql_jax.paths import TINYSTORIES
+
+    folder = tmp_path_factory.mktemp("tasks")
+    write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=8)
+    return folder
+
+
+def test_lm_eval_backend_on_two_processes_equals_one_process(tmp_path, tasks_dir, compile_cache):
+    """lm-eval's simple_evaluate through the `uniql` backend on 2 processes x 2 devices (every process
+    runs the same requests, each feeds only its rows of every batch, the scores come back all-gathered)
+    vs 1 process x 4 devices: every process gets every request's log-likelihood, equal to the one
+    process's (the same per-device batches), in request order."""
+    from uniql_jax.paths import DEFAULTS
+
+    args = ["harness", "--model", str(DEFAULTS / "llama"), "--tasks-dir", str(tasks_dir)]
+    walls = {}
+    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+        walls[name] = run_job("tests.multiprocess_jobs", args, processes=processes, devices=devices,
+                              log_dir=tmp_path / name, timeout=300, cache=compile_cache)
+    (one,) = job_results(tmp_path / "one", 1)
+    two = job_results(tmp_path / "two", 2)
+    assert set(one["loglikelihoods"]) == {"stories_cloze", "stories_rolling"}
+    for res in two:
+        assert res["batches"] == one["batches"]  # the same batches, each split over the 2 processes
+        for task, want in one["loglikelihoods"].items():
+            got = res["loglikelihoods"][task]
+            assert [len(r) for r in got] == [len(r) for r in want]
+            np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-5)
+    assert len({x for r in one["loglikelihoods"]["stories_cloze"] for x in r}) > 8  # distinct scores, not zeros
+    print(f"\nlm-eval backend wall time: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s; identical: "
+          f"{all(r['loglikelihoods'] == one['loglikelihoods'] for r in two)}")
+
+
 def test_a_dead_process_fails_the_job_without_a_checkpoint(tmp_path, compile_cache):
     """Process 1 is killed mid-run (after sorting): process 0 fails within the heartbeat timeout plus a
     margin, with an error on stderr, and leaves no output folder and no checkpoint anywhere."""
