@@ -325,6 +325,33 @@ def test_lm_eval_backend_on_two_processes_equals_one_process(tmp_path, tasks_dir
           f"{all(r['loglikelihoods'] == one['loglikelihoods'] for r in two)}")
 
 
+@pytest.mark.slow
+def test_two_processes_evaluate_tasks_reading_the_checkpoint_sharded(tmp_path, reference_run, tasks_dir,
+                                                                   compile_cache):
+    """experiments.evaluate --tasks with --model-axis 4 on 2 processes x 2 devices: the checkpoint is read
+    sharded over both processes, lm-eval runs through the backend on the global mesh, and only process 0
+    prints and writes accuracy.json, whose accuracies equal those of 1 process x 4 devices. (Slow: two
+    lm-eval runs of about a minute each on 2 cores, after the module's reference compress.)"""
+    ref, _ = reference_run
+    rows, walls = {}, {}
+    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+        out = tmp_path / name
+        walls[name] = run_job("experiments.evaluate", ["--ckpt", str(ref), "--tasks", "stories_cloze,stories_rolling",
+                                                       "--tasks-dir", str(tasks_dir), "--model-axis", "4", "--out",
+                                                       str(out), "--json"],
+                              processes=processes, devices=devices, log_dir=tmp_path / f"logs-{name}",
+                              cache=compile_cache)
+        rows[name] = json.loads((out / "accuracy.json").read_text())["rates"]
+        assert json.loads(printed(tmp_path / f"logs-{name}" / "p0.out")) == rows[name]
+        assert sorted(p.name for p in out.iterdir()) == ["accuracy.json", "accuracy.png"]
+    assert printed(tmp_path / "logs-two" / "p1.out").strip() == ""  # process 1 printed nothing
+    assert [r["rate"] for r in rows["two"]] == [r["rate"] for r in rows["one"]] and len(rows["one"]) >= 2
+    for a, b in zip(rows["one"], rows["two"]):
+        assert a["accuracy"].keys() == b["accuracy"].keys()
+        np.testing.assert_allclose(list(b["accuracy"].values()), list(a["accuracy"].values()), rtol=1e-5)
+    print(f"\nevaluate --tasks --model-axis 4 wall time: 1 x 4 {walls['one']:.0f} s, 2 x 2 {walls['two']:.0f} s")
+
+
 def test_a_dead_process_fails_the_job_without_a_checkpoint(tmp_path, compile_cache):
     """Process 1 is killed mid-run (after sorting): process 0 fails within the heartbeat timeout plus a
     margin, with an error on stderr, and leaves no output folder and no checkpoint anywhere."""
