@@ -12,6 +12,10 @@ one process with as many devices. Equality asserted:
   order, so nothing depends on how devices are spread over processes.
 * vs 1 process x 2 devices (another per-device batch: float reassociation in the sums):
   the table and perplexities within tolerance; codes may differ near rounding boundaries.
+
+The collective checkpoint save / sharded load and the lm-eval backend run small jobs of
+`tests.multiprocess_jobs` on the same launcher. (Slightly over 400 lines on purpose: every
+multi-process test shares the launch helpers and the module's reference run.)
 """
 
 from __future__ import annotations
@@ -295,7 +299,7 @@ def tasks_dir(tmp_path_factory):
     from uniql_jax.paths import TINYSTORIES
 
     folder = tmp_path_factory.mktemp("tasks")
-    write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=8)
+    write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=4)
     return folder
 
 
@@ -320,7 +324,7 @@ def test_lm_eval_backend_on_two_processes_equals_one_process(tmp_path, tasks_dir
             got = res["loglikelihoods"][task]
             assert [len(r) for r in got] == [len(r) for r in want]
             np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-5)
-    assert len({x for r in one["loglikelihoods"]["stories_cloze"] for x in r}) > 8  # distinct scores, not zeros
+    assert len({x for r in one["loglikelihoods"]["stories_cloze"] for x in r}) > 4  # distinct scores, not zeros
     print(f"\nlm-eval backend wall time: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s; identical: "
           f"{all(r['loglikelihoods'] == one['loglikelihoods'] for r in two)}")
 
