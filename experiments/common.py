@@ -92,8 +92,12 @@ def parse_rates(text: str) -> list[float]:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool):
+def staged_output(out: Path, overwrite: bool, *, writer: bool = True):
     """Write into a hidden sibling folder, rename it into place only on success.
+
+    Across processes every process enters it and gets the same folder (named after process
+    0's pid, broadcast); only the `writer` (process 0) checks `out`, makes, renames or deletes
+    anything, the others only write into it (a collective checkpoint save).
 
     An existing `out` (with `overwrite`) is renamed aside, the new folder renamed in,
     and only then is the old one deleted: `out` never holds a partly deleted or partly
@@ -104,11 +108,19 @@ def staged_output(out: Path, overwrite: bool):
     is kept as ``<out>.incomplete`` and a note on the exception says where (or that
     nothing was written). An interrupt discards it.
     """
+    import numpy as np
+
+    from uniql_jax import distributed
+
     out = Path(out)
+    pid = int(np.asarray(distributed.broadcast_from_main(np.int32(os.getpid()))))  # one process: its own
+    tmp = out.parent / f".{out.name}.partial-{pid}"
+    if not writer:
+        yield tmp
+        return
     if out.exists() and not overwrite:
         raise UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -175,17 +175,18 @@ def run(argv=None) -> Path:
     config = pipeline_config(args, rates)
     inputs = pipeline.load_inputs(config)
     cfg, params, table, report = pipeline.compress(config, inputs, tasks=tasks)
-    if not main:
-        distributed.barrier("compress: output written")  # process 0 writes --out; a failure there ends us too
-        return out
-    print_table(report)
-    if tasks:
-        print(accuracy.accuracy_table(report["accuracy"]["rates"]))
-    with common.staged_output(out, args.overwrite) as tmp:  # the report first: a failed save keeps it
-        common.write_json(tmp / "report.json", report)
-        common.plot_report(report, tmp / "report.png")
-        pipeline.save_tokenizer(inputs.tokenizer, tmp / "tokenizer")
-        uq.save(tmp / "checkpoint", cfg, params, table=table, meta=pipeline.checkpoint_meta(report, inputs.eval_spec))
+    if main:
+        print_table(report)
+        if tasks:
+            print(accuracy.accuracy_table(report["accuracy"]["rates"]))
+    # process 0 stages --out and renames it into place; the checkpoint inside is saved by every process
+    with common.staged_output(out, args.overwrite, writer=main) as tmp:
+        distributed.barrier("compress: staging folder made")
+        if main:  # the report first: a failed save keeps it
+            common.write_json(tmp / "report.json", report)
+            common.plot_report(report, tmp / "report.png")
+            pipeline.save_tokenizer(inputs.tokenizer, tmp / "tokenizer")
+        pipeline.save_checkpoint(tmp / "checkpoint", cfg, params, table, report, inputs.eval_spec)
     log.info("wrote %s", out)
     distributed.barrier("compress: output written")
     return out

@@ -46,7 +46,10 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     common.setup_logging()
     distributed.initialize_from_args(args)  # before any JAX work; nothing to do for one process
-    distributed.use_mesh(distributed.global_mesh(args.model_axis))
+    mesh = distributed.global_mesh(args.model_axis)
+    distributed.use_mesh(mesh)
+    # --model-axis K > 1: the checkpoint is read sharded over the mesh, each process reading only its shards
+    load_mesh = mesh if args.model_axis > 1 else None
     if not distributed.is_main():
         logging.getLogger("evaluate").setLevel(logging.WARNING)
     from uniql_jax import checkpoint, data, pipeline
@@ -58,7 +61,7 @@ def run(argv=None):
     for r in rates:
         checkpoint.resolve_rate(info.cfg, info.table, r)  # out of range / not stored: one-line error before any work
     if args.tasks:
-        return run_tasks(args, run_dir, ckpt, rates)
+        return run_tasks(args, run_dir, ckpt, rates, load_mesh)
     seq_len = args.seq_len or int(info.meta.get("seq_len", 256))
     tokenizer = pipeline.load_saved_tokenizer(run_dir)
     eval_spec = args.eval or info.meta.get("eval_source")
@@ -66,7 +69,8 @@ def run(argv=None):
     eval_windows = info.meta.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows
     if eval_windows:
         tokens = tokens[: eval_windows * seq_len]
-    rows, compiles = pipeline.checkpoint_perplexity(ckpt, rates, tokens, seq_len=seq_len, batch_size=args.batch_size)
+    rows, compiles = pipeline.checkpoint_perplexity(ckpt, rates, tokens, seq_len=seq_len, batch_size=args.batch_size,
+                                                    mesh=load_mesh)
     log.info("%d rates evaluated with %d compiled evaluation programs", len(rates), compiles)
     if not distributed.is_main():  # process 0 prints
         return rows, compiles
@@ -79,7 +83,7 @@ def run(argv=None):
     return rows, compiles
 
 
-def run_tasks(args, run_dir: Path, ckpt: Path, rates):
+def run_tasks(args, run_dir: Path, ckpt: Path, rates, load_mesh=None):
     """lm-eval accuracy at every rate from one loaded checkpoint -> (rows, programs compiled)."""
     import time
 
@@ -90,7 +94,7 @@ def run_tasks(args, run_dir: Path, ckpt: Path, rates):
     names, manager = common.load_tasks(args)  # unknown / unreachable task: one line, exit 2, before loading the model
     out = user_path(args.out) if args.out else run_dir
     tokenizer = pipeline.load_saved_tokenizer(run_dir)
-    model = ElasticModel.from_checkpoint(ckpt)
+    model = ElasticModel.from_checkpoint(ckpt, mesh=load_mesh)
     result = {"ckpt": str(ckpt)} | accuracy.accuracy_report(model, tokenizer, rates, names, manager,
                                                             num_fewshot=args.num_fewshot, limit=args.limit,
                                                             batch_size=args.batch_size, log=log.info)

@@ -12,6 +12,10 @@ one process with as many devices. Equality asserted:
   order, so nothing depends on how devices are spread over processes.
 * vs 1 process x 2 devices (another per-device batch: float reassociation in the sums):
   the table and perplexities within tolerance; codes may differ near rounding boundaries.
+
+The collective checkpoint save / sharded load and the lm-eval backend run small jobs of
+`tests.multiprocess_jobs` on the same launcher. (Slightly over 400 lines on purpose: every
+multi-process test shares the launch helpers and the module's reference run.)
 """
 
 from __future__ import annotations
@@ -112,6 +116,34 @@ def load_run(folder: Path):
     return info, raw, report
 
 
+def job_results(log_dir: Path, processes: int) -> list[dict]:
+    """The JSON line each process of a `tests.multiprocess_jobs` job printed last."""
+    return [json.loads(printed(log_dir / f"p{i}.out").strip().splitlines()[-1]) for i in range(processes)]
+
+
+def manifest_without_provenance(folder: Path) -> dict:
+    """A checkpoint's manifest body less what differs between two saves of the same model (the data
+    folder's name and files, creation time, versions, argv)."""
+    from uniql_jax import checkpoint
+
+    body = dict(checkpoint.read_info(folder).body)
+    for key in ("data", "files", "provenance"):
+        body.pop(key)
+    return body
+
+
+def data_bytes_by_writer(folder: Path) -> dict[str, int]:
+    """Bytes of the OCDBT data files of a checkpoint, per folder that holds them ("." or ocdbt.process_<i>)."""
+    from tests.helpers import data_dir
+
+    out: dict[str, int] = {}
+    for f in data_dir(folder).rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            writer = f.parent.parent.relative_to(data_dir(folder)).as_posix()
+            out[writer] = out.get(writer, 0) + f.stat().st_size
+    return out
+
+
 def ppl_rows(report) -> dict:
     return {key: [r["ppl"] for r in report[key]] for key in ("rates_16bit", "rates")} | {
         "baseline": [report["baseline"]["ppl"]]}
@@ -196,6 +228,8 @@ def test_two_processes_compress_bit_identical_to_one_process(tmp_path, reference
     assert not differ, f"arrays not bit-identical: {differ}"
     assert any(k.endswith("codes") for k in raw_a)  # GPTQ codes among them
     assert ppl_rows(rep_a) == ppl_rows(rep_b)
+    # the collective save recorded the same manifest (config, table, layout, storage splits, CRC-32 per box)
+    assert manifest_without_provenance(ref / "checkpoint") == manifest_without_provenance(out / "checkpoint")
     # process 0 printed the table, process 1 printed nothing; nothing but the run folder was written
     assert "rate" in printed(tmp_path / "logs" / "p0.out")
     assert printed(tmp_path / "logs" / "p1.out").strip() == ""
@@ -214,6 +248,114 @@ def test_two_processes_evaluate_the_saved_checkpoint(tmp_path, reference_run, co
     report = json.loads((ref / "report.json").read_text())
     assert [r["ppl"] for r in rows] == [r["ppl"] for r in report["rates"]]
     assert printed(tmp_path / "logs" / "p1.out").strip() == ""
+
+
+def test_collective_save_and_sharded_load_across_two_processes(tmp_path, compile_cache):
+    """A model sharded over a "model" axis that spans both processes (2 processes x 2 devices, model axis 4):
+
+    * saved collectively, each process writes the shards it owns (both processes' OCDBT folders hold
+      a large share of the data), and the checkpoint equals the one 1 process x 4 devices saves:
+      every array at every rate bit-identical, the same manifest apart from provenance;
+    * loaded with ``mesh=``, each process reads at most 60 % of what a whole load of the rate reads
+      (TensorStore's byte counter), and the arrays, all-gathered, are the whole load's bit for bit,
+      for its own checkpoint and for the one written by a single process."""
+    from uniql_jax import checkpoint
+    from uniql_jax.checkpoint.layout import raw_arrays
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["checkpoint", "--model-axis", "4"]
+    walls = {"one": run_job("tests.multiprocess_jobs", args + ["--out", str(one)], processes=1, devices=4,
+                            log_dir=tmp_path / "logs-one", timeout=300, cache=compile_cache),
+             "two": run_job("tests.multiprocess_jobs", args + ["--out", str(two), "--also", str(one)], processes=2,
+                            devices=2, log_dir=tmp_path / "logs-two", timeout=300, cache=compile_cache)}
+    results = job_results(tmp_path / "logs-two", 2)
+    info = checkpoint.read_info(two)
+    assert sorted(map(float, results[0]["rates"])) == sorted(info.rates)
+    for res in results:
+        assert res["also_identical"] is True
+        for rate, counts in res["rates"].items():
+            assert counts["identical"], (res["process"], rate)
+            assert 0 < counts["mine"] <= 0.6 * counts["whole"], (res["process"], rate, counts)
+    for rate in info.rates:  # every stored array, bit-identical to the single-process save
+        a = raw_arrays(checkpoint.load(one, rate)[1])
+        b = raw_arrays(checkpoint.load(two, rate)[1])
+        assert set(a) == set(b)
+        assert all(a[k].dtype == b[k].dtype and np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    assert manifest_without_provenance(one) == manifest_without_provenance(two)
+    written = {k: v for k, v in data_bytes_by_writer(two).items() if k.startswith("ocdbt.process_")}
+    assert set(written) == {"ocdbt.process_0", "ocdbt.process_1"}, written  # (the root: OCDBT's merged index)
+    assert min(written.values()) > 0.4 * sum(written.values()), written  # each wrote about its half
+    print(f"\nbytes read per process (sharded / whole): " + "; ".join(
+        f"p{res['process']} rate {rate}: {c['mine']} / {c['whole']} ({c['mine'] / c['whole']:.0%})"
+        for res in results for rate, c in res["rates"].items())
+        + f"; data written per process: {written}; wall: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    """The offline local lm-eval tasks of tests/test_harness.py (a cloze and a rolling log-likelihood task)."""
+    from uniql_jax import data
+    from uniql_jax.accuracy import write_text_tasks
+    from uniql_jax.paths import TINYSTORIES
+
+    folder = tmp_path_factory.mktemp("tasks")
+    write_text_tasks(folder, data.load_documents(TINYSTORIES, part="heldout"), name="stories", n_items=8)
+    return folder
+
+
+@pytest.mark.slow
+def test_lm_eval_backend_on_two_processes_equals_one_process(tmp_path, tasks_dir, compile_cache):
+    """lm-eval's simple_evaluate through the `uniql` backend on 2 processes x 2 devices (every process
+    runs the same requests, each feeds only its rows of every batch, the scores come back all-gathered)
+    vs 1 process x 4 devices: every process gets every request's log-likelihood, equal to the one
+    process's (the same per-device batches), in request order. (Slow: about 90 s on 2 shared cores, mostly
+    start-up and compilation of 3 processes.)"""
+    from uniql_jax.paths import DEFAULTS
+
+    args = ["harness", "--model", str(DEFAULTS / "llama"), "--tasks-dir", str(tasks_dir)]
+    walls = {}
+    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+        walls[name] = run_job("tests.multiprocess_jobs", args, processes=processes, devices=devices,
+                              log_dir=tmp_path / name, timeout=300, cache=compile_cache)
+    (one,) = job_results(tmp_path / "one", 1)
+    two = job_results(tmp_path / "two", 2)
+    assert set(one["loglikelihoods"]) == {"stories_cloze", "stories_rolling"}
+    for res in two:
+        assert res["batches"] == one["batches"]  # the same batches, each split over the 2 processes
+        for task, want in one["loglikelihoods"].items():
+            got = res["loglikelihoods"][task]
+            assert [len(r) for r in got] == [len(r) for r in want]
+            np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-5)
+    assert len({x for r in one["loglikelihoods"]["stories_cloze"] for x in r}) > 8  # distinct scores, not zeros
+    print(f"\nlm-eval backend wall time: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s; identical: "
+          f"{all(r['loglikelihoods'] == one['loglikelihoods'] for r in two)}")
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_tasks_reading_the_checkpoint_sharded(tmp_path, reference_run, tasks_dir,
+                                                                   compile_cache):
+    """experiments.evaluate --tasks with --model-axis 4 on 2 processes x 2 devices: the checkpoint is read
+    sharded over both processes, lm-eval runs through the backend on the global mesh, and only process 0
+    prints and writes accuracy.json, whose accuracies equal those of 1 process x 4 devices. (Slow: two
+    lm-eval runs of about a minute each on 2 cores, after the module's reference compress.)"""
+    ref, _ = reference_run
+    rows, walls = {}, {}
+    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+        out = tmp_path / name
+        walls[name] = run_job("experiments.evaluate", ["--ckpt", str(ref), "--tasks", "stories_cloze,stories_rolling",
+                                                       "--tasks-dir", str(tasks_dir), "--model-axis", "4", "--out",
+                                                       str(out), "--json"],
+                              processes=processes, devices=devices, log_dir=tmp_path / f"logs-{name}",
+                              cache=compile_cache)
+        rows[name] = json.loads((out / "accuracy.json").read_text())["rates"]
+        assert json.loads(printed(tmp_path / f"logs-{name}" / "p0.out")) == rows[name]
+        assert sorted(p.name for p in out.iterdir()) == ["accuracy.json", "accuracy.png"]
+    assert printed(tmp_path / "logs-two" / "p1.out").strip() == ""  # process 1 printed nothing
+    assert [r["rate"] for r in rows["two"]] == [r["rate"] for r in rows["one"]] and len(rows["one"]) >= 2
+    for a, b in zip(rows["one"], rows["two"]):
+        assert a["accuracy"].keys() == b["accuracy"].keys()
+        np.testing.assert_allclose(list(b["accuracy"].values()), list(a["accuracy"].values()), rtol=1e-5)
+    print(f"\nevaluate --tasks --model-axis 4 wall time: 1 x 4 {walls['one']:.0f} s, 2 x 2 {walls['two']:.0f} s")
 
 
 def test_a_dead_process_fails_the_job_without_a_checkpoint(tmp_path, compile_cache):

@@ -52,10 +52,11 @@ class ElasticModel:
         self.set_rate(rate)
 
     @classmethod
-    def from_checkpoint(cls, path, *, rate=None, impl: str = "xla", device=None) -> "ElasticModel":
-        """Read the full-rank model once; every later rate comes from memory."""
+    def from_checkpoint(cls, path, *, rate=None, impl: str = "xla", device=None, mesh=None) -> "ElasticModel":
+        """Read the full-rank model once; every later rate comes from memory. `device` / `mesh`: as `load`'s
+        (with a mesh over several processes each reads only its own shards)."""
         info = read_info(path)
-        cfg, params = load(path, None, device=device)
+        cfg, params = load(path, None, device=device, mesh=mesh)
         return cls(cfg, params, info.table, rate=rate, impl=impl)
 
     @property

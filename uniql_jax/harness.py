@@ -28,7 +28,10 @@ per device) and a sequence length that is a power of two (at least ``min_bucket`
 ``max_length``), right-padded (the model is causal, so padding never changes a scored position). A
 bucket's program is compiled once per model shape and reused for every later batch, task and call;
 ``compiles`` counts the compilations seen per bucket length. The batch is split over the "data" axis
-of a mesh of all local devices (``uniql_jax.eval.data_mesh``), the parameters replicated. Only the
+of the default mesh (``uniql_jax.eval.data_mesh``: every device of every process), the parameters
+replicated over it. Across processes every process runs the same requests (lm-eval's own rank and
+world size stay 0 and 1), feeds only its rows of each batch, and gets every row's scores back
+(all-gathered, in request order); a caller writes results on process 0 only. Only the
 per-position log-probability of the target token and the greedy flag [B, T] leave the device, never
 the [B, T, V] logits.
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from uniql_jax import checkpoint, data
+from uniql_jax import checkpoint, data, distributed
 from uniql_jax.accuracy import accuracy_report
 from uniql_jax.compress.allocate import allocate, default_steps, evaluate_rates, param_count
 from uniql_jax.compress.sort import sort
@@ -272,6 +272,18 @@ def checkpoint_meta(report: dict, eval_spec: str | None) -> dict:
     return meta
 
 
+def save_checkpoint(folder: Path, cfg, params, table: dict, report: dict, eval_spec: str | None) -> Path:
+    """``checkpoint.save`` of a compression result with its run settings (`checkpoint_meta`).
+
+    Across processes a collective (every process calls it, on the same folder): the params are
+    first placed on the default mesh (``distributed.put_params``: weights sharded over its
+    "model" axis), so each process writes the shards its devices own; one process saves
+    exactly as before."""
+    if distributed.runtime().process_count > 1:
+        params = distributed.put_params(params, distributed.default_mesh())
+    return checkpoint.save(folder, cfg, params, table=table, meta=checkpoint_meta(report, eval_spec))
+
+
 # ----------------------------------------------------------------------------- the run folder
 # What `experiments.compress` writes into --out: checkpoint/ (uq.save), tokenizer/, report.json, report.png.
 def checkpoint_dir(path) -> tuple[Path, Path]:
@@ -313,13 +325,15 @@ def load_saved_tokenizer(run_dir):
     raise InputError(f"{run_dir}: no tokenizer stored beside the checkpoint")
 
 
-def checkpoint_perplexity(ckpt, rates, tokens, *, seq_len: int, batch_size: int = 8) -> tuple[list[dict], int]:
+def checkpoint_perplexity(ckpt, rates, tokens, *, seq_len: int, batch_size: int = 8,
+                          mesh=None) -> tuple[list[dict], int]:
     """([{"rate", "ppl", "params", "param_bytes"}] per rate, evaluation programs compiled) of a checkpoint.
 
-    The full-rank model is read once (``ElasticModel``); each rate is sliced in memory and evaluated
-    block by block, one compiled program per distinct block shape shared by all rates."""
+    The full-rank model is read once (``ElasticModel``; with `mesh`, sharded over it, each process
+    reading only its own shards: ``checkpoint.load(mesh=)``); each rate is sliced in memory and
+    evaluated block by block, one compiled program per distinct block shape shared by all rates."""
 
-    model = ElasticModel.from_checkpoint(ckpt)
+    model = ElasticModel.from_checkpoint(ckpt, mesh=mesh)
     before = blockwise_nll.compiles()
     rows = []
     for r in rates:

@@ -208,6 +208,34 @@ def chunked_axes(splits: list[tuple[int, int]]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def stored_spec(spec, shape: tuple[int, ...], splits: list[tuple[int, int]], axis_sizes: dict) -> tuple:
+    """The PartitionSpec entries of the stored array (`stored_shape`) of a `shape` laid out by `spec`.
+
+    An axis that is not split keeps its mesh axes. A split axis ``n -> (n // g, g)`` puts them
+    on the inner part ``g`` when it divides: that choice depends on ``g`` and the mesh only, not
+    on ``n``, so the full-rank array a collective save writes and the leading box of every rate
+    a sharded load reads are sharded alike, and the chunks (which divide the written shards)
+    divide the shards read. Else on the outer part when ``n // g`` divides, else the stored
+    axis is replicated. `axis_sizes`: {mesh axis name: size}.
+    """
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    by_axis = dict(splits)
+    out = []
+    for axis, (n, names) in enumerate(zip(shape, entries)):
+        g = by_axis.get(axis)
+        if g is None or g == 1 or names is None:
+            out.extend((names,) if g is None or g == 1 else (None, None))
+            continue
+        size = math.prod(axis_sizes[a] for a in (names if isinstance(names, tuple) else (names,)))
+        if g % size == 0:
+            out.extend((None, names))
+        elif (n // g) % size == 0:
+            out.extend((names, None))
+        else:
+            out.extend((None, None))
+    return tuple(out)
+
+
 def shape_key(shape) -> str:
     return "x".join(str(int(n)) for n in shape) or "scalar"
 
