@@ -104,16 +104,36 @@ def pack_rows(patterns_RxE, alpha_RxK, offset_R, *, shape, group_size: int, axis
 # ---------------------------------------------------------------------------
 
 
+def _float_after(a, b):
+    """a sorts after b in ``jnp.sort`` order (-0.0 == 0.0, NaNs last)."""
+    return (a > b) | (jnp.isnan(a) & ~jnp.isnan(b))
+
+
+def _float_equal(a, b):
+    return (a == b) | (jnp.isnan(a) & jnp.isnan(b))
+
+
 def sorted_levels(alpha_RxK: jax.Array):
     """Each row's 2**k levels sorted by value.
 
     Returns (levels_RxL ascending, pattern_at_rank_RxL, rank_of_pattern_RxL, mids_RxL-1)
     where mids are the decision boundaries halfway between consecutive sorted levels.
+
+    The order is exactly that of ``jnp.argsort(levels, stable=True)`` (ties to the lower
+    pattern, -0.0 == 0.0, NaN last), computed by counting: a pattern's rank is the number
+    of levels sorted before it ([R, L, L] compares), then one scatter inverts it. XLA's
+    CPU sort costs about a microsecond per row of 16; this is ~20x cheaper.
     """
     bits = alpha_RxK.shape[-1]
+    L = 1 << bits
     levels = jnp.matmul(alpha_RxK, sign_table(bits).T, precision=HIGHEST)  # [R, L], column = sign pattern
-    pattern_at_rank = jnp.argsort(levels, axis=-1).astype(jnp.int32)
-    rank_of_pattern = jnp.argsort(pattern_at_rank, axis=-1).astype(jnp.int32)
+    mine, other = levels[:, :, None], levels[:, None, :]
+    lower_index = jnp.arange(L)[None, None, :] < jnp.arange(L)[None, :, None]
+    before = _float_after(mine, other) | (_float_equal(mine, other) & lower_index)  # [R, p, q]: q sorts before p
+    rank_of_pattern = jnp.sum(before, axis=-1, dtype=jnp.int32)
+    rows = jnp.arange(levels.shape[0])[:, None]
+    pattern_at_rank = jnp.zeros_like(rank_of_pattern).at[rows, rank_of_pattern].set(
+        jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), rank_of_pattern.shape), unique_indices=True)
     levels_sorted = jnp.take_along_axis(levels, pattern_at_rank, axis=-1)
     mids = 0.5 * (levels_sorted[:, 1:] + levels_sorted[:, :-1])
     return levels_sorted, pattern_at_rank, rank_of_pattern, mids
@@ -163,25 +183,97 @@ def psd_solve(gram_BxJxJ: jax.Array, rhs_BxJ: jax.Array, rtol: float = 1e-6) -> 
     return jnp.einsum("bij,bj->bi", eigvec, coeff, precision=HIGHEST)
 
 
+def _gram_rhs(design_RxExJ: jax.Array, target_RxE: jax.Array):
+    """Per-row normal equations of min ||D theta - t||^2: (D^T D [R, J, J], D^T t [R, J])."""
+    gram = jnp.einsum("rei,rej->rij", design_RxExJ, design_RxExJ, precision=HIGHEST)
+    return gram, jnp.einsum("rei,re->ri", design_RxExJ, target_RxE, precision=HIGHEST)
+
+
 def _least_squares_rows(design_RxExJ: jax.Array, target_RxE: jax.Array) -> jax.Array:
     """Per-row least squares min ||D theta - t||^2 via the normal equations; [R, J]."""
-    gram = jnp.einsum("rei,rej->rij", design_RxExJ, design_RxExJ, precision=HIGHEST)
-    rhs = jnp.einsum("rei,re->ri", design_RxExJ, target_RxE, precision=HIGHEST)
-    return psd_solve(gram, rhs)
+    return psd_solve(*_gram_rhs(design_RxExJ, target_RxE))
 
 
-def _ls_alpha_offset(x_RxE, patterns_RxE, bits):
-    """Least-squares (alpha, o) with codes fixed, canonicalized to alpha >= 0 sorted descending.
+# Rows whose normal equations are this well conditioned (trace(G) trace(G^-1) below it, which
+# bounds cond(G)) are solved by Cholesky; psd_solve would keep every eigenvalue of them
+# (it drops those under 1e-6 of the largest), so both give the same solution up to rounding.
+CHOLESKY_MAX_COND = 1e4
+
+
+def _cholesky_rows(gram_RxJxJ: jax.Array, rhs_RxJ: jax.Array):
+    """Unrolled Cholesky solve of many small SPD systems (elementwise over rows, J <= 9).
+
+    Returns (theta [R, J], well_conditioned [R]): ``well_conditioned`` holds where
+    ``trace(G) trace(G^-1) < CHOLESKY_MAX_COND`` (false for singular or non-finite rows).
+    Batched ``eigh`` / LAPACK calls cost microseconds per tiny matrix on CPU; this costs
+    a few hundred flops per row.
+    """
+    J = gram_RxJxJ.shape[-1]
+    g = [[gram_RxJxJ[:, i, j] for j in range(J)] for i in range(J)]
+    low = [[None] * J for _ in range(J)]  # G = low low^T
+    for j in range(J):
+        d = g[j][j] - sum((low[j][m] * low[j][m] for m in range(j)), jnp.zeros_like(g[j][j]))
+        low[j][j] = jnp.sqrt(d)
+        for i in range(j + 1, J):
+            low[i][j] = (g[i][j] - sum((low[i][m] * low[j][m] for m in range(j)), jnp.zeros_like(d))) / low[j][j]
+    inv = [[None] * J for _ in range(J)]  # low^-1, lower triangular
+    for i in range(J):
+        inv[i][i] = 1.0 / low[i][i]
+        for j in range(i):
+            inv[i][j] = -inv[i][i] * sum((low[i][m] * inv[m][j] for m in range(j, i)), jnp.zeros_like(low[i][i]))
+    y = [sum((inv[i][m] * rhs_RxJ[:, m] for m in range(i + 1)), jnp.zeros_like(rhs_RxJ[:, 0])) for i in range(J)]
+    theta = [sum((inv[m][i] * y[m] for m in range(i, J)), jnp.zeros_like(y[0])) for i in range(J)]
+    trace_inv = sum(inv[i][j] * inv[i][j] for i in range(J) for j in range(i + 1))  # trace(G^-1)
+    trace = sum(g[i][i] for i in range(J))
+    ok = trace * trace_inv < CHOLESKY_MAX_COND  # NaN (singular) compares false
+    return jnp.stack(theta, -1), ok
+
+
+def small_psd_solve(gram_RxJxJ: jax.Array, rhs_RxJ: jax.Array, fallback_rows: int | None = None) -> jax.Array:
+    """``psd_solve`` for many tiny systems: Cholesky where well conditioned, ``psd_solve``
+    (minimum norm through ``eigh``) on the other rows.
+
+    The ill-conditioned rows (rank-deficient designs: a plane constant over its group,
+    fewer distinct codes than unknowns) are gathered into a buffer of ``fallback_rows``
+    rows (default R / 32); if more rows need it, every row goes through ``psd_solve``.
+    """
+    R = gram_RxJxJ.shape[0]
+    theta, ok = _cholesky_rows(gram_RxJxJ, rhs_RxJ)
+    bad = ~ok
+    size = min(R, fallback_rows or max(R // 32, 8))
+    idx = jnp.nonzero(bad, size=size, fill_value=0)[0]
+
+    def some():
+        fixed = theta.at[idx].set(psd_solve(gram_RxJxJ[idx], rhs_RxJ[idx]))
+        return jnp.where(bad[:, None], fixed, theta)
+
+    return jax.lax.cond(jnp.sum(bad) > size, lambda: psd_solve(gram_RxJxJ, rhs_RxJ), some)
+
+
+def _sort_descending(a_RxK: jax.Array) -> jax.Array:
+    """``jnp.sort(a, -1)[:, ::-1]`` for a few columns (odd-even transposition network: exact
+    min / max, no XLA sort). NaN-free input."""
+    cols = [a_RxK[:, i] for i in range(a_RxK.shape[-1])]
+    for r in range(len(cols)):
+        for i in range(r % 2, len(cols) - 1, 2):
+            cols[i], cols[i + 1] = jnp.maximum(cols[i], cols[i + 1]), jnp.minimum(cols[i], cols[i + 1])
+    return jnp.stack(cols, -1)
+
+
+def _canonical_alpha_offset(theta_RxJ, bits):
+    """(alpha, o) from a least-squares solution, alpha -> |alpha| sorted descending.
 
     Flipping the sign of a plane together with its scale, or permuting planes, leaves the
     level set unchanged, so the canonical form costs nothing and puts the most significant
     plane first (what nested precision truncates to).
     """
+    return _sort_descending(jnp.abs(theta_RxJ[:, :bits])), theta_RxJ[:, bits]
+
+
+def _normal_equations(x_RxE, patterns_RxE, bits):
+    """Gram [R, k+1, k+1] and right-hand side [R, k+1] of (alpha, o) with codes fixed (any codes)."""
     signs = pattern_signs(patterns_RxE, bits)  # [R, E, k]
-    design = jnp.concatenate([signs, jnp.ones_like(signs[..., :1])], axis=-1)  # [R, E, k+1]
-    theta = _least_squares_rows(design, x_RxE)
-    alpha, offset = theta[:, :bits], theta[:, bits]
-    return jnp.sort(jnp.abs(alpha), axis=-1)[:, ::-1], offset
+    return _gram_rhs(jnp.concatenate([signs, jnp.ones_like(signs[..., :1])], axis=-1), x_RxE)  # design [R, E, k+1]
 
 
 def greedy_fit_rows(x_RxE: jax.Array, bits: int):
@@ -203,6 +295,99 @@ def _row_sq_error(x_RxE, patterns, alpha, offset):
     return jnp.sum((x_RxE - level_values(patterns, alpha) - offset[:, None]) ** 2, axis=-1)
 
 
+def _row_counts_at_most(rank_RxE: jax.Array, levels: int) -> jax.Array:
+    """#{e : rank[e] <= j} for j < levels - 1, int32 [R, levels-1].
+
+    Several counts share one int32 row sum, each in its own bit field wide enough for E:
+    XLA on CPU reduces a [R, E] row fast but a [R, M, E] one over E ~50x slower.
+    """
+    E = rank_RxE.shape[-1]
+    width = E.bit_length()  # a field holds counts up to E
+    per_word = max(31 // width, 1)
+    counts = []
+    for first in range(0, levels - 1, per_word):
+        js = range(first, min(first + per_word, levels - 1))
+        word = jnp.sum(sum((rank_RxE <= j).astype(jnp.int32) << (width * (j - first)) for j in js), axis=-1)
+        counts += [(word >> (width * (j - first))) & ((1 << width) - 1) for j in js]
+    return jnp.stack(counts, -1)
+
+
+def _nearest_step_sorted(x_RxE, prefix_RxE1, alpha_RxK, offset_R):
+    """Nearest-level codes of ascending rows under (alpha, o), kept implicit: (error [R], gram, rhs).
+
+    The codes are those of ``nearest_patterns(x - o, alpha)`` (same compares); the error is
+    that of ``_row_sq_error`` up to float rounding. With rows sorted the assignment is
+    monotone: level rank r covers the elements between consecutive counts, so the per-level
+    counts n_r are differences of the counts and the per-level sums S_r differences of the
+    row prefix sums ``prefix [R, E+1]``. Moved to pattern order (n_p, S_p), the normal
+    equations of the next least-squares step are G = sum_p n_p t_p t_p^T, rhs = sum_p S_p t_p
+    with t_p = (signs of pattern p, 1): two plain matmuls; G holds exact integers, as from
+    the codes themselves.
+    """
+    bits = alpha_RxK.shape[-1]
+    L = 1 << bits
+    levels, pattern_at_rank, _, mids = sorted_levels(alpha_RxK)
+    R, E = x_RxE.shape
+    u = x_RxE - offset_R[:, None]
+    rank = jnp.sum(u[:, :, None] > mids[:, None, :], axis=-1, dtype=jnp.int32)  # [R, E], as nearest_patterns
+    rank = jax.lax.optimization_barrier(rank)  # computed once, not re-fused into each consumer below
+    err = jnp.sum((u - jnp.take_along_axis(levels, rank, axis=-1)) ** 2, axis=-1)
+    edges = jnp.concatenate([jnp.zeros((R, 1), jnp.int32), _row_counts_at_most(rank, L),
+                             jnp.full((R, 1), E, jnp.int32)], axis=-1)  # [R, L+1]
+    cum = jnp.take_along_axis(prefix_RxE1, edges, axis=-1)
+    rows = jnp.arange(R)[:, None]
+    by_pattern = jnp.zeros((R, 2, L), jnp.float32).at[rows, :, pattern_at_rank].set(  # rank order -> pattern order
+        jnp.stack([edges[:, 1:] - edges[:, :-1], cum[:, 1:] - cum[:, :-1]], axis=-1).astype(jnp.float32),
+        unique_indices=True)
+    table = jnp.concatenate([sign_table(bits), jnp.ones((L, 1), jnp.float32)], axis=-1)  # [L, J]: t_p
+    J = bits + 1
+    outer = (table[:, :, None] * table[:, None, :]).reshape(L, J * J)
+    gram = jnp.matmul(by_pattern[:, 0], outer, precision=HIGHEST).reshape(R, J, J)  # sum_p n_p t_p t_p^T
+    rhs = jnp.matmul(by_pattern[:, 1], table, precision=HIGHEST)  # sum_p S_p t_p
+    return err, gram, rhs
+
+
+def alternating_fit_sorted(x_RxE: jax.Array, *, bits: int, rounds: int, start):
+    """The alternating fit on rows sorted ascending (``alternating_fit_rows`` is the general entry).
+
+    ``start``: (alpha [R,k], offset [R], patterns [R,E]), any codes (the greedy ones are not
+    nearest-level). Returns (alpha [R,k], offset [R], errors [rounds+1, R], best_is_start [R]):
+    each row's best iterate (the first of least error) and whether that is the start, whose
+    codes are then ``start``'s; any later iterate's codes are
+    ``nearest_patterns(x - offset, alpha)`` (recompute them: only scales travel the loop).
+    """
+    alpha, offset, patterns = start
+    err = _row_sq_error(x_RxE, patterns, alpha, offset)
+    zero = jnp.zeros((x_RxE.shape[0], 1), jnp.float32)
+    prefix = jnp.concatenate([zero, jnp.cumsum(x_RxE, axis=-1)], axis=-1)  # [R, E+1]
+
+    def one_round(carry, _):
+        (gram, rhs), best = carry
+        alpha, offset = _canonical_alpha_offset(small_psd_solve(gram, rhs), bits)
+        err, gram, rhs = _nearest_step_sorted(x_RxE, prefix, alpha, offset)
+        better = err < best[2]
+        best = (jnp.where(better[:, None], alpha, best[0]), jnp.where(better, offset, best[1]),
+                jnp.where(better, err, best[2]), best[3] & ~better)
+        return ((gram, rhs), best), err
+
+    best = (alpha, offset, err, jnp.ones(err.shape, bool))
+    first = _normal_equations(x_RxE, patterns, bits)
+    (_, best), errs = jax.lax.scan(one_round, (first, best), None, length=rounds)
+    return best[0], best[1], jnp.concatenate([err[None], errs], axis=0), best[3]
+
+
+def sort_rows(x_RxE: jax.Array):
+    """(rows sorted ascending, the permutation: sorted[:, e] = x[:, perm[:, e]])."""
+    perm = jnp.argsort(x_RxE, axis=-1).astype(jnp.int32)
+    return jnp.take_along_axis(x_RxE, perm, axis=-1), perm
+
+
+def unsort_rows(values_RxE: jax.Array, perm_RxE: jax.Array) -> jax.Array:
+    """Inverse of ``sort_rows``' permutation: out[:, perm[:, e]] = values[:, e]."""
+    rows = jnp.arange(values_RxE.shape[0])[:, None]
+    return jnp.zeros_like(values_RxE).at[rows, perm_RxE].set(values_RxE, unique_indices=True)
+
+
 def alternating_fit_rows(x_RxE: jax.Array, *, bits: int, rounds: int, init=None):
     """Alternating BCQ fit per row (docs/method.md, "UniQuan: UniQuanF", unified initialization).
 
@@ -214,28 +399,19 @@ def alternating_fit_rows(x_RxE: jax.Array, *, bits: int, rounds: int, init=None)
     Returns (alpha [R,k], offset [R], patterns int32 [R,E], errors [rounds+1, R]) where
     ``errors[t]`` is the squared error after round t (t = 0: the start) and the returned
     fit is each row's best iterate.
+
+    Runs on each row sorted ascending (``alternating_fit_sorted``): the codes are
+    permuted with the elements, the errors and scales are those of the unsorted rows up
+    to float summation order.
     """
+    x_sorted, perm = sort_rows(x_RxE)
     if init is None:
-        alpha, offset, patterns = greedy_fit_rows(x_RxE, bits)
+        start = greedy_fit_rows(x_sorted, bits)
     else:
-        alpha, offset = init
-        patterns = nearest_patterns(x_RxE - offset[:, None], alpha)
-    err = _row_sq_error(x_RxE, patterns, alpha, offset)
-
-    def one_round(carry, _):
-        alpha, offset, patterns, err, best = carry
-        alpha, offset = _ls_alpha_offset(x_RxE, patterns, bits)
-        patterns = nearest_patterns(x_RxE - offset[:, None], alpha)
-        err = _row_sq_error(x_RxE, patterns, alpha, offset)
-        better = err < best[3]
-        best = tuple(jnp.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), n, v)
-                     for n, v in zip((alpha, offset, patterns, err), best))
-        return (alpha, offset, patterns, err, best), err
-
-    start = (alpha, offset, patterns, err)
-    (_, _, _, _, best), errs = jax.lax.scan(one_round, start + (start,), None, length=rounds)
-    errors = jnp.concatenate([err[None], errs], axis=0)
-    return best[0], best[1], best[2], errors
+        start = (init[0], init[1], nearest_patterns(x_sorted - init[1][:, None], init[0]))
+    alpha, offset, errors, best_is_start = alternating_fit_sorted(x_sorted, bits=bits, rounds=rounds, start=start)
+    patterns = jnp.where(best_is_start[:, None], start[2], nearest_patterns(x_sorted - offset[:, None], alpha))
+    return alpha, offset, unsort_rows(patterns, perm), errors
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "rounds", "axis"))

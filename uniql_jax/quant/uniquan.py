@@ -96,33 +96,45 @@ def unified_init(W: jax.Array, *, bits: int, group_size: int, axis: int = 0, rou
     axis = axis % W.ndim
     bcq.check_layout(bits, group_size, W.shape[axis])
     c = _half_range(bits)
-    w = bcq_fit.to_rows(W.astype(jnp.float32), group_size, axis)  # [R, g]
-    w_max, w_min = jnp.max(w, axis=-1), jnp.min(w, axis=-1)
+    # Every candidate x' = (w - center) / s is increasing in w, so one sort of each row serves
+    # all ratios and both starts: the fit runs on ascending rows (bcq_fit.alternating_fit_sorted)
+    # and the codes are permuted back once at the end.
+    w, perm = bcq_fit.sort_rows(bcq_fit.to_rows(W.astype(jnp.float32), group_size, axis))  # [R, g] ascending
+    w_min, w_max = w[:, 0], w[:, -1]
     center = 0.5 * (w_max + w_min)
     R = w.shape[0]
     uq_alpha, _ = bcq.uniform_as_bcq(jnp.ones((R,)), c, bits)  # alpha_i = 2^(k-2-i), offset 0
-    uq_start = (uq_alpha, jnp.zeros((R,), jnp.float32))
+
+    def normalized(s):
+        return (w - center[:, None]) / s[:, None]  # = w/s + z - c, [R, g]
 
     def candidate(best, ratio):
         s = jnp.maximum(ratio * (w_max - w_min) / (2**bits - 1), MIN_STEP)  # [R]
         z = c - center / s
-        x = (w - center[:, None]) / s[:, None]  # = w/s + z - c, [R, g]
+        x = normalized(s)
         # both starts in one fit over stacked rows [2R, g]: first the greedy start, then the UQ levels
-        greedy_alpha, greedy_offset, _ = bcq_fit.greedy_fit_rows(x, bits)
-        start = (jnp.concatenate([greedy_alpha, uq_start[0]]), jnp.concatenate([greedy_offset, uq_start[1]]))
-        alpha, shift, patterns, errors = bcq_fit.alternating_fit_rows(jnp.concatenate([x, x]), bits=bits, rounds=rounds,
-                                                                  init=start)
+        greedy = bcq_fit.greedy_fit_rows(x, bits)
+        uq = (uq_alpha, jnp.zeros((R,), jnp.float32), bcq_fit.nearest_patterns(x, uq_alpha))
+        start = tuple(jnp.concatenate([g_, u_]) for g_, u_ in zip(greedy, uq))
+        alpha, shift, errors, at_start = bcq_fit.alternating_fit_sorted(jnp.concatenate([x, x]), bits=bits,
+                                                                        rounds=rounds, start=start)
         err = jnp.min(errors, axis=0) * jnp.concatenate([s, s]) ** 2  # weight-domain error of the best iterate
+        # codes are the nearest levels of (alpha, shift) except for a greedy start kept as is
+        greedy_codes = jnp.concatenate([at_start[:R], jnp.zeros((R,), bool)])
         for half in (slice(0, R), slice(R, 2 * R)):
             better = err[half] < best[0]
-            new = (err[half], s, z, alpha[half], shift[half], patterns[half])
+            new = (err[half], s, z, alpha[half], shift[half], greedy_codes[half])
             best = tuple(jnp.where(better.reshape((-1,) + (1,) * (n.ndim - 1)), n, o) for n, o in zip(new, best))
         return best, None
 
-    g = group_size
     empty = (jnp.full((R,), jnp.inf), jnp.ones((R,)), jnp.zeros((R,)), jnp.zeros((R, bits)), jnp.zeros((R,)),
-             jnp.zeros((R, g), jnp.int32))
-    (_, s, z, alpha, shift, patterns), _ = jax.lax.scan(candidate, empty, jnp.asarray(clip_ratios, jnp.float32))
+             jnp.zeros((R,), bool))
+    (_, s, z, alpha, shift, greedy_codes), _ = jax.lax.scan(candidate, empty, jnp.asarray(clip_ratios, jnp.float32))
+    x = normalized(s)  # the chosen ratio's rows, bit for bit as in its candidate
+    patterns = jnp.where(greedy_codes[:, None], bcq_fit.greedy_fit_rows(x, bits)[2],
+                         bcq_fit.nearest_patterns(x - shift[:, None], alpha))
+    patterns = bcq_fit.unsort_rows(patterns, perm)
+    g = group_size
     params = UniQuanParams(jnp.log(s), jnp.zeros((R, g), jnp.float32), jnp.zeros((R,), jnp.float32), alpha)
     return params, UniQuanBuffers(z, shift, patterns, group_size, axis)
 
