@@ -174,7 +174,7 @@ def run(argv=None) -> Path:
 
     config = pipeline_config(args, rates)
     inputs = pipeline.load_inputs(config)
-    cfg, params, table, report = pipeline.compress(config, inputs, tasks=tasks)
+    cfg, params, table, report = pipeline.compress(config, inputs, tasks=tasks, consume_inputs=True)
     if main:
         print_table(report)
         if tasks:

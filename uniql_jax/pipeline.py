@@ -199,11 +199,14 @@ def uniform_table(cfg, rates, group_size: int | None = 128, steps: dict | None =
     return allocate(cfg, None, None, rates, method="uniform", steps=steps)
 
 
-def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None) -> tuple:
+def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None, consume_inputs: bool = False) -> tuple:
     """Run the pipeline -> (cfg, params, table, report): the sorted (fine-tuned, quantized) full-rank
     model, its rate table and the report of docs/api.md.
 
     inputs: what `load_inputs(config)` returns (loaded here when None; its time is stage "convert").
+    consume_inputs: hand ``inputs.params`` over (None afterwards; always so for inputs loaded
+    here): sorting and quantizing then free each block they replace, so the float model is
+    never held twice.
     tasks: (task names, lm_eval TaskManager) for lm-eval accuracy at every rate (report["accuracy"]).
     """
 
@@ -211,11 +214,16 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
     if inputs is None:
         with timer.stage("convert"):
             inputs = load_inputs(config)
+        consume_inputs = True
     else:  # loaded by the caller: its time, logged as the stage would have been
         timer.timings["convert"] = round(inputs.convert_s, 3)
         timer.peak_mb["convert"] = peak_rss_mb()
         log.info(f"[convert] done in {timer.timings['convert']:.1f} s")
     cfg, params, calib, eval_tokens = inputs.cfg, inputs.params, inputs.calib, inputs.eval_tokens
+    if consume_inputs:
+        inputs.params = None
+    else:  # the stages below free blocks of this copy of the containers only (the arrays are shared)
+        params = {**params, "blocks": list(params["blocks"])}
     seq_len = config.seq_len
     log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
              inputs.source, cfg.arch, param_count(cfg), len(calib), seq_len, len(eval_tokens))
@@ -233,7 +241,7 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
     log.info("baseline perplexity %.4f", base_ppl)
 
     with timer.stage("sort"):
-        cfg, params = sort(cfg, params, calib)
+        cfg, params = sort(cfg, params, calib, consume=True)
     with timer.stage("allocate"):
         steps = allocation_steps_for(cfg, config.quantizer, config.group_size)
         table = allocate(cfg, params, calib, list(config.rates), method=config.allocation, steps=steps)
@@ -251,7 +259,8 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
                               group_size=config.group_size, table=table,
                               quantize_embeddings=not config.keep_embeddings_16bit,
                               embedding_bits=config.embedding_bits, tied_head_gptq=config.tied_head == "gptq",
-                              zero_point=config.zero_point, options=dict(config.quantizer_options) or None)
+                              zero_point=config.zero_point, options=dict(config.quantizer_options) or None,
+                              consume=config.quantizer != "uniquan")
     with timer.stage("evaluate"):
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=seq_len)
     if tasks:

@@ -1,6 +1,7 @@
 """Stage 1 sorting on all five architectures: same function, importance order, dead channels last,
 baselines, and pruned models (KV / SSM caches included) running through the ordinary decode path."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,3 +132,17 @@ def test_sort_refuses_a_pruned_config():
     cfg_p, params_p = uq.prune(cfg, params_sorted, 0.25, table)
     with pytest.raises(ValueError, match="full-rank"):
         sort(cfg_p, params_p, calib, progress=False)
+
+
+def test_consuming_sort_frees_each_block_and_gives_the_same_model():
+    """sort(consume=True) (what compress does) drops every original block from the input once it is
+    sorted, and returns the model sort without it returns, array for array."""
+    cfg = tiny_config("nemotron_h")
+    params = random_params(cfg, 0)
+    calib = tokens(8, 16, seed=1)
+    _, want = sort(cfg, params, calib, progress=False)
+    handed = {**params, "blocks": list(params["blocks"])}
+    _, got = sort(cfg, handed, calib, progress=False, consume=True)
+    assert handed["blocks"] == [None] * len(cfg.blocks)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

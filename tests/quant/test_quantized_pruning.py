@@ -346,3 +346,20 @@ def test_quantize_without_table_then_prune_says_what_to_pass():
         uq.prune(cfg, loose, rate, table)
     fitted = uq.quantize(cfg, params, None, method="rtn", bits=4, group_size=128, table=table)
     uq.prune(cfg, fitted, rate, table)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_consuming_quantize_frees_each_block_and_packs_the_same_codes(method):
+    """quantize(consume=True) (what compress does) drops every float block from the input once it
+    is packed, and packs exactly what quantize without it packs."""
+    cfg = small_config("llama")
+    params = random_params(cfg, seed=0)
+    table = rate_table(cfg, allocation_steps(cfg, 128, default_steps(cfg)))
+    calib = np.random.default_rng(1).integers(0, V, (8, 32)).astype(np.int32)
+    kw = dict(method=method, bits=4, group_size=128, table=table, progress=False)
+    want = uq.quantize(cfg, params, calib, **kw)
+    handed = {**params, "blocks": list(params["blocks"])}
+    got = uq.quantize(cfg, handed, calib, consume=True, **kw)
+    assert handed["blocks"] == [None] * len(cfg.blocks)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

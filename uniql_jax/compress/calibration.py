@@ -109,7 +109,7 @@ def as_float32(tree):
 
 def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Callable] | None = None,
                on_block: Callable | None = None, *, batch_size: int = 8, mesh=None, progress: bool = True,
-               desc: str = "calibration", return_final: bool = False) -> dict:
+               desc: str = "calibration", return_final: bool = False, release_blocks: bool = False) -> dict:
     """Run the model block by block over `calib` (int32 [W, T]).
 
     collectors: block kind -> collector (kinds not listed gather nothing).
@@ -118,10 +118,15 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
     new block params (sequential quantization: GPTQ), block i's outputs are
     recomputed with them, so later blocks see the already-replaced prefix.
     return_final: also return "final", the residual stream after the last block [W, T, D].
+    release_blocks: the caller hands ``params["blocks"]`` (a list) over: entry i is set to
+    None once block i has run and `on_block` has returned, so a driver that replaces the
+    blocks (sorting, quantizing) never holds two whole copies of the model.
     Returns {"last_token": float32 [n_blocks + 1, W, D] (the residual stream at the
     last position before each block and after the last one), "timings_s": {...}}.
     """
     collectors = collectors or {}
+    if release_blocks and not isinstance(params["blocks"], list):
+        raise TypeError("release_blocks needs params['blocks'] as a list the caller hands over")
     mesh = mesh or data_mesh()
     ndev = distributed.data_size(mesh)
     t0 = time.perf_counter()
@@ -173,6 +178,8 @@ def run_blocks(cfg: ModelConfig, params: dict, calib, collectors: dict[str, Call
             for s in range(0, len(x_in), per_local):
                 x_WxTxD[s:s + per_local] = distributed.local_rows(propagate(new_params, put_rows(x_in, s),
                                                                             put_rows(w_all, s))[1])
+        if release_blocks:
+            params["blocks"][i] = block_params = None
         last_token.append(x_WxTxD[:, -1].copy())
     timings["total"] = time.perf_counter() - t0
     # every process: all windows, in window order (an all-gather across processes)

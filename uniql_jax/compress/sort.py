@@ -35,9 +35,11 @@ def _check_full_rank(cfg: ModelConfig):
 
 
 def sort_timed(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, batch_size: int = 8,
-               lam: float = 1.0, mesh=None) -> tuple[ModelConfig, dict, dict]:
+               lam: float = 1.0, mesh=None, consume: bool = False) -> tuple[ModelConfig, dict, dict]:
     """`sort` that also returns per-stage wall times {"calibration", "solve", "total", per kind}."""
     _check_full_rank(cfg)
+    if consume:
+        params["blocks"] = list(params["blocks"])
     sorted_blocks = list(params["blocks"])
     solve_s = {kind: 0.0 for kind in SORTERS}
 
@@ -50,7 +52,7 @@ def sort_timed(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, 
 
     collectors = {kind: sorter.collect for kind, sorter in SORTERS.items()}
     run = calibration.run_blocks(cfg, params, calib, collectors, on_block, batch_size=batch_size, mesh=mesh,
-                                 progress=progress, desc="sort")
+                                 progress=progress, desc="sort", release_blocks=consume)
     t = run["timings_s"]
     timings = {"calibration": t["embed"] + t["blocks"], "solve": t["on_block"], "total": t["total"],
                **{f"solve_{k}": v for k, v in solve_s.items() if v}}
@@ -60,15 +62,18 @@ def sort_timed(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, 
 
 
 def sort(cfg: ModelConfig, params: dict, calib, *, progress: bool = True, batch_size: int = 8, lam: float = 1.0,
-         mesh=None) -> tuple[ModelConfig, dict]:
+         mesh=None, consume: bool = False) -> tuple[ModelConfig, dict]:
     """UniQL structured sorting (`uq.sort`, docs/api.md): calib int32 [W, T] -> (cfg, sorted params).
 
     The result computes the same function as the input; its per-block sizes are
     unchanged, its prunable channels ordered by importance, and attention blocks carry
     the permuted RoPE pair indices. Statistics are float32 sums streamed `batch_size`
     windows at a time, data-parallel over `mesh` (default: all local devices).
+    `consume=True` hands `params` over: each original block is dropped from it once sorted
+    (``params["blocks"]`` is emptied to None entries), so two copies never coexist.
     """
-    cfg, params, _ = sort_timed(cfg, params, calib, progress=progress, batch_size=batch_size, lam=lam, mesh=mesh)
+    cfg, params, _ = sort_timed(cfg, params, calib, progress=progress, batch_size=batch_size, lam=lam, mesh=mesh,
+                                consume=consume)
     return cfg, params
 
 

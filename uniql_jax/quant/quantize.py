@@ -103,7 +103,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
              table: dict | None = None, quantize_embeddings: bool = True, embedding_bits: int | None = None,
              tied_head_gptq: bool = False, damp: float = 0.01, act_order: bool = False,
              batch_size: int = 8, mesh=None, progress: bool = True, options: dict | None = None,
-             zero_point: bool = False) -> dict:
+             zero_point: bool = False, consume: bool = False) -> dict:
     """Params with every linear weight packed (``uq.quantize``, docs/api.md); norms, biases, convs, A, D stay float.
 
     `table` (from ``uq.allocate``) fixes the group size of weights whose input axis is
@@ -121,6 +121,9 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     grid (``ZeroPointQArray``; 16 more bits per group) for every packed weight and the
     embedding table, instead of the symmetric absmax grid. Weights already on such a grid
     (GGUF Q4_1: 4 bits, groups of 32) are reproduced exactly by ``method="rtn"``.
+    `consume=True` (gptq, rtn) hands `params` over: each float block is dropped from it once
+    quantized (``params["blocks"]`` left with None entries), so the float model and the packed
+    one never coexist whole.
     """
     if method not in METHODS + ("uniquan",):
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS + ('uniquan',)}")
@@ -138,9 +141,11 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
     if method == "rtn":  # no Hessian: no calibration pass (`calib` is not read)
         out, skipped = rtn_quantize_model(cfg, params, table, bits=bits, group_size=group_size,
                                           quantize_embeddings=quantize_embeddings, embedding_bits=embedding_bits,
-                                          zero_point=zero_point)
+                                          zero_point=zero_point, consume=consume)
         _log_done(method, bits, cfg, skipped, t0)
         return out
+    if consume:
+        params["blocks"] = list(params["blocks"])
     blocks = list(params["blocks"])
 
     skipped = []
@@ -163,7 +168,7 @@ def quantize(cfg: ModelConfig, params: dict, calib, *, method: str = "gptq", bit
 
     run = calibration.run_blocks(cfg, params, calib, {k: linear_inputs for k in ("attention", "mlp", "mamba2")},
                                  on_block, batch_size=batch_size, mesh=mesh, progress=progress,
-                                 desc=f"{method} {bits}-bit", return_final=True)
+                                 desc=f"{method} {bits}-bit", return_final=True, release_blocks=consume)
     out = {**params, "blocks": blocks}
     if quantize_embeddings:
         D = cfg.hidden_size
@@ -205,17 +210,23 @@ def transposed_table(head_DxV: qarray.QArray) -> qarray.QArray:
 
 def rtn_quantize_model(cfg: ModelConfig, params: dict, table: dict | None, *, bits: int = 4, group_size: int = 128,
                        quantize_embeddings: bool = True, embedding_bits: int | None = None,
-                       zero_point: bool = False) -> tuple[dict, list[str]]:
+                       zero_point: bool = False, consume: bool = False) -> tuple[dict, list[str]]:
     """(params, weights left in 16 bits): round-to-nearest needs no activations, so no calibration pass.
 
     Every weight with a recorded product is packed along its last contraction axis, in
     the group size ``group_size_for`` picks from the table's kept sizes (weights with
     none stay float and are listed), embeddings per-row RTN, an untied head like a
     linear. The same packed layout as GPTQ's. `params` may be abstract (traced under
-    ``jax.eval_shape``: the layout of a model too large to materialize).
+    ``jax.eval_shape``: the layout of a model too large to materialize). `consume`: each float
+    block is dropped from ``params["blocks"]`` once packed.
     """
     blocks, skipped = [], []
-    for i, (blk, bp) in enumerate(zip(cfg.blocks, params["blocks"])):
+    if consume:
+        params["blocks"] = list(params["blocks"])
+    for i, blk in enumerate(cfg.blocks):
+        bp = params["blocks"][i]
+        if consume:
+            params["blocks"][i] = None
         new = dict(bp)
         for name, n in sorted(linear_contractions(cfg, blk, bp).items()):
             gs = group_size_for(kept_sizes(cfg, table, i, name, n - 1), group_size)
