@@ -55,6 +55,8 @@ def build_parser():
                    help="a setting of the quantizer's driver, repeatable, e.g. --quantizer-option steps=2560 for "
                         "uniquan (its keys: steps, lr, alpha_lr_ratio, windows_per_step, mix_prob, period, "
                         "head_steps, seed)")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous)")
     p.add_argument("--zero-point", action="store_true",
                    help="uniform grids with a per-group offset (min/max, like GGUF Q4_1) instead of symmetric ones; "
                         "--quantizer gptq or rtn")
@@ -114,6 +116,8 @@ def check_args(args):
         args.arch = arch
     out = user_path(args.out or f"runs/{args.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     args.quantizer_options = quantizer_options(args.quantizer, args.quantizer_option)
+    if args.act_order and args.quantizer != "gptq":
+        raise common.UsageError(f"--act-order applies to --quantizer gptq, not {args.quantizer}")
     if args.zero_point and args.quantizer not in ("gptq", "rtn"):
         raise common.UsageError(f"--zero-point applies to --quantizer gptq or rtn, not {args.quantizer}")
     if out.exists() and not args.overwrite:
@@ -149,7 +153,7 @@ def pipeline_config(args, rates):
     return CompressConfig(
         arch=args.arch, model=args.model, quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
         keep_embeddings_16bit=args.keep_embeddings_16bit, embedding_bits=args.embedding_bits,
-        tied_head=args.tied_head, zero_point=args.zero_point, quantizer_options=args.quantizer_options,
+        tied_head=args.tied_head, zero_point=args.zero_point, act_order=args.act_order, quantizer_options=args.quantizer_options,
         finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
         finetune_lr=args.finetune_lr, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         rates=tuple(rates), allocation=args.allocation, eval=args.eval, eval_windows=args.eval_windows,

@@ -30,3 +30,20 @@ def test_zero_point_reaches_every_packed_weight_and_the_report():
 
     symmetric = pipeline.compress(pipeline.CompressConfig(**SMALL), inputs)[1]
     assert all(type(x) is QArray for x in packed_leaves(symmetric))
+
+
+def test_act_order_reaches_every_gptq_solve_and_the_report(monkeypatch):
+    from uniql_jax.quant import gptq
+
+    seen = []
+    real = gptq.gptq_quantize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("act_order"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize", spy)
+    config = pipeline.CompressConfig(**{**SMALL, "quantizer": "gptq"}, act_order=True, tied_head="gptq")
+    report = pipeline.compress(config)[3]
+    assert report["act_order"] is True
+    assert seen and all(seen), seen  # every linear and the tied head

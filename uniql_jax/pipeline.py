@@ -61,6 +61,7 @@ class CompressConfig:
     embedding_bits: int | None = None  # bits of the embedding table and an untied head (None: `bits`)
     tied_head: str = "gptq"  # a tied table as output head: GPTQ on the final hidden states, or per-row rtn
     zero_point: bool = False  # uniform grids with a per-group offset (min/max) instead of symmetric ones
+    act_order: bool = False  # gptq: columns in order of decreasing Hessian diagonal
     quantizer_options: tuple = ()  # ((key, value), ...) for the quantizer's driver (`quantize.method_options`)
     finetune_steps: int = 0  # masked LoRA steps (0: no fine-tuning)
     finetune_data: str | None = None  # text or JSON-lines (Alpaca) file; None: the calibration stream
@@ -228,7 +229,7 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
     log.info("%s: %s, %d parameters; %d calibration windows x %d tokens; %d evaluation tokens",
              inputs.source, cfg.arch, param_count(cfg), len(calib), seq_len, len(eval_tokens))
     report = {"arch": cfg.arch, "model": inputs.source, "quantizer": config.quantizer, "bits": config.bits,
-              "group_size": config.group_size, "zero_point": config.zero_point,
+              "group_size": config.group_size, "zero_point": config.zero_point, "act_order": config.act_order,
               "quantizer_options": dict(config.quantizer_options), "seed": config.seed,
               "seq_len": seq_len,
               "eval_windows": config.eval_windows, "embedding_bits": config.embedding_bits or config.bits,
@@ -259,7 +260,8 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
                               group_size=config.group_size, table=table,
                               quantize_embeddings=not config.keep_embeddings_16bit,
                               embedding_bits=config.embedding_bits, tied_head_gptq=config.tied_head == "gptq",
-                              zero_point=config.zero_point, options=dict(config.quantizer_options) or None,
+                              zero_point=config.zero_point, act_order=config.act_order,
+                              options=dict(config.quantizer_options) or None,
                               consume=config.quantizer != "uniquan")
     with timer.stage("evaluate"):
         report["rates"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=seq_len)

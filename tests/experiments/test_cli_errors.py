@@ -245,6 +245,7 @@ def test_model_without_calibration_data_offline_asks_for_calib(tmp_path):
     (["--quantizer", "uniquan", "--quantizer-option", "steps"], "KEY=VALUE"),
     (["--quantizer", "gptq", "--quantizer-option", "steps=3"], "no options"),
     (["--quantizer", "uniquan", "--zero-point"], "--zero-point"),
+    (["--quantizer", "rtn", "--act-order"], "--act-order"),
 ])
 def test_bad_quantizer_settings(tmp_path, args, needle):
     proc = run_cli("experiments.compress", "--arch", "llama", *args, "--out", str(tmp_path / "o"))
