@@ -173,7 +173,6 @@ def run(argv=None) -> Path:
     rates, out = check_args(args)
     tasks = common.load_tasks(args) if args.tasks else None  # unknown / unreachable task: fails before any work
 
-    import uniql_jax as uq
     from uniql_jax import accuracy, pipeline
 
     config = pipeline_config(args, rates)

@@ -285,7 +285,7 @@ def test_collective_save_and_sharded_load_across_two_processes(tmp_path, compile
     written = {k: v for k, v in data_bytes_by_writer(two).items() if k.startswith("ocdbt.process_")}
     assert set(written) == {"ocdbt.process_0", "ocdbt.process_1"}, written  # (the root: OCDBT's merged index)
     assert min(written.values()) > 0.4 * sum(written.values()), written  # each wrote about its half
-    print(f"\nbytes read per process (sharded / whole): " + "; ".join(
+    print("\nbytes read per process (sharded / whole): " + "; ".join(
         f"p{res['process']} rate {rate}: {c['mine']} / {c['whole']} ({c['mine'] / c['whole']:.0%})"
         for res in results for rate, c in res["rates"].items())
         + f"; data written per process: {written}; wall: 1 x 4 {walls['one']:.1f} s, 2 x 2 {walls['two']:.1f} s")
