@@ -444,9 +444,10 @@ def step_decode(suite: Suite, plan: Plan, section: str, spec: dict, variants, de
 STEPS = ("probe", "smoke", "w4a16", "bcq", "rope", "decode")
 
 
-def run(out: Path, *, tiny: bool, budget_s: float, steps=STEPS) -> dict:
+def run(out: Path, *, tiny: bool, budget_s: float, steps=STEPS, start: float | None = None) -> dict:
+    """Run the selected steps; the budget counts from `start` (default: now)."""
     plan = TINY_PLAN if tiny else GPU_PLAN
-    suite = Suite(out, budget_s, tiny)
+    suite = Suite(out, budget_s, tiny, start=time.perf_counter() if start is None else start)
     suite.manifest["plan"] = dataclasses.asdict(plan)
     suite.manifest["selected_steps"] = list(steps)
     suite.manifest["environment"] = environment()
@@ -472,7 +473,9 @@ def run(out: Path, *, tiny: bool, budget_s: float, steps=STEPS) -> dict:
     return suite.manifest
 
 
-def main(argv=None) -> int:
+def main(argv=None, start: float | None = None) -> int:
+    """The command line; `start` is when the budget began (the script passes interpreter start,
+    an in-process call starts it now)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the JSON results (created)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU dry run (interpret-mode kernels)")
@@ -488,9 +491,9 @@ def main(argv=None) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if not steps or any(s not in STEPS for s in steps):
         ap.error(f"--steps must list some of {','.join(STEPS)}, got {args.steps!r}")
-    manifest = run(args.out, tiny=args.tiny, budget_s=args.budget_s, steps=steps)
+    manifest = run(args.out, tiny=args.tiny, budget_s=args.budget_s, steps=steps, start=start)
     return 1 if any(s["status"] == "failed" for s in manifest["steps"]) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], start=START))
