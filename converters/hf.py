@@ -264,10 +264,13 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 
 class TensorTaker:
-    """Hands out checkpoint tensors by name, checking shapes; ``finish`` rejects leftovers."""
+    """Hands out checkpoint tensors by name, checking shapes; ``finish`` rejects leftovers.
+
+    It takes over the caller's dict and empties it as it hands tensors out, so a tensor lives
+    only as long as the mapping's layout of it needs."""
 
     def __init__(self, tensors: dict[str, np.ndarray]):
-        self.tensors = dict(tensors)
+        self.tensors = tensors
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
@@ -330,21 +333,26 @@ def load(path, dtype=None) -> tuple[ModelConfig, dict]:
         raw, source = read_config(folder), str(folder / "config.json")
         tensors = None
     cfg = config_from_hf(raw, source)
+    # The taker holds the only reference to each tensor, so a tensor is freed as soon as the
+    # mapping has made its own layout of it, and _to_jax_consuming frees each host array as it
+    # becomes a jax one: the load peaks near one float copy of the model, not three.
     take = TensorTaker(tensors if tensors is not None else read_tensors(folder))
+    del tensors
     params = mapping_for(cfg.arch).params_from_hf(cfg, take)
     take.finish()
-    params = _to_jax(params, dtype)
+    _to_jax_consuming(params, dtype)
     return cfg, params
 
 
-def _to_jax(params, dtype):
-    import jax
-
-    def conv(x):
-        x = jnp.asarray(x)
-        return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(conv, params)
+def _to_jax_consuming(tree, dtype) -> None:
+    """Replace every array leaf of a tree of dicts and lists by a jax array, in place, dropping the
+    host array before the next leaf is converted."""
+    for key in list(tree) if isinstance(tree, dict) else range(len(tree)):
+        if isinstance(tree[key], (dict, list)):
+            _to_jax_consuming(tree[key], dtype)
+        elif tree[key] is not None:
+            y = jnp.asarray(tree[key])
+            tree[key] = y.astype(dtype) if dtype is not None and jnp.issubdtype(y.dtype, jnp.floating) else y
 
 
 def save(cfg: ModelConfig, params: dict, out_dir) -> None:
