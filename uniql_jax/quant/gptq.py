@@ -45,6 +45,7 @@ from uniql_jax.quant.formats import qarray
 from uniql_jax.quant.formats.qarray import QArray
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+OUT_CHUNK = 8192  # output columns per row-loop call (gptq_quantize)
 _MAX_DAMP_RETRIES = 6  # damping x10 per retry when Cholesky fails (non-PD H in float32)
 
 
@@ -157,6 +158,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     zero_point: bool = False,
+    out_chunk: int = OUT_CHUNK,
 ) -> QArray:
     """GPTQ (Frantar et al. 2022, Alg. 1) of ``W [Din, Dout]`` (``y = x W``) -> ``QArray(axis=0)``.
 
@@ -179,6 +181,10 @@ def gptq_quantize(
       (``rtn.group_minmax_grid``, ``scale * code + offset``) taken at the same moments, and the
       row loop rounds to it and propagates the error of *its* values -> ``ZeroPointQArray``.
 
+    * Output columns never interact (every update above is per column), so the row loop runs
+      over ``out_chunk`` columns at a time: its temporaries are several copies of the slice of
+      W it holds, which for the whole [576, 49152] tied head of SmolLM2 were ~0.7 GB.
+
     Pure; float32 throughout (HIGHEST matmul precision). Two jitted pieces, so the
     Hessian factorisation compiles once per (Din, act_order) and the row loop once per
     (shape, bits, group_size, block, act_order); ``damp`` is traced. Wrapping the
@@ -189,13 +195,19 @@ def gptq_quantize(
         raise ValueError(f"Hessian shape {hessian_DinxDin.shape} does not match W {w_DinxDout.shape}")
     qarray.check_layout(bits, group_size, d_in)
     upper_DinxDin, perm_Din, dead_Din = _factor_hessian(hessian_DinxDin, damp, act_order=act_order)
-    codes_DinxDout, scales_GxDout, offset_GxDout = _quantize_rows(
-        w_DinxDout, upper_DinxDin, perm_Din, dead_Din,
-        bits=bits, group_size=group_size, block=effective_block_size(d_in, group_size, block_size), act_order=act_order,
-        zero_point=zero_point,
-    )
-    return qarray.from_codes(codes_DinxDout, scales_GxDout, bits=bits, group_size=group_size, axis=0,
-                             offset=offset_GxDout if zero_point else None)
+    packed, scales, offsets = [], [], []
+    for start in range(0, d_out, out_chunk):
+        codes_DinxC, scales_GxC, offset_GxC = _quantize_rows(
+            w_DinxDout[:, start:start + out_chunk], upper_DinxDin, perm_Din, dead_Din, bits=bits,
+            group_size=group_size, block=effective_block_size(d_in, group_size, block_size), act_order=act_order,
+            zero_point=zero_point)
+        packed.append(qarray.pack_codes(codes_DinxC, bits, 0))  # packed before the chunks join
+        scales.append(scales_GxC)
+        offsets.append(offset_GxC)
+    packed_xDout, scales_GxDout, offset_GxDout = (x[0] if len(x) == 1 else jnp.concatenate(x, axis=1)
+                                                  for x in (packed, scales, offsets))
+    return qarray.from_packed(packed_xDout, scales_GxDout, bits=bits, group_size=group_size, axis=0,
+                              shape=(d_in, d_out), offset=offset_GxDout if zero_point else None)
 
 
 @functools.partial(jax.jit, static_argnames=("act_order",))

@@ -121,7 +121,15 @@ def from_codes(codes: jax.Array, scales: jax.Array, *, bits: int, group_size: in
     group ``offset`` (the shape of ``scales``) the asymmetric ``ZeroPointQArray``."""
     axis = axis % codes.ndim
     check_layout(bits, group_size, codes.shape[axis])
-    packed, scales, shape = pack_codes(codes, bits, axis), scales.astype(SCALE_DTYPE), tuple(codes.shape)
+    return from_packed(pack_codes(codes, bits, axis), scales, bits=bits, group_size=group_size, axis=axis,
+                       shape=tuple(codes.shape), offset=offset)
+
+
+def from_packed(packed: jax.Array, scales: jax.Array, *, bits: int, group_size: int, axis: int,
+                shape: tuple[int, ...], offset: jax.Array | None = None) -> QArray:
+    """``from_codes`` for codes already packed along `axis` (``pack_codes``) of logical `shape`."""
+    check_layout(bits, group_size, shape[axis])
+    scales = scales.astype(SCALE_DTYPE)
     if offset is None:
         return QArray(packed, scales, bits, group_size, axis, shape)
     if offset.shape != scales.shape:
