@@ -108,6 +108,7 @@ class Plan:
     smoke: dict  # decode section "smoke": shape, layers (None: all), prompt_len, new_tokens
     smoke_variants: tuple
     main: dict  # decode section "main"
+    main_variants: tuple
     decode_repeats: int
     compiler_options: dict | None  # XLA options of the decode programs (CPU dry run: fast compile)
 
@@ -117,12 +118,16 @@ GPU_PLAN = Plan(probe_mb=1024, matmul_n=8192, kernel_shapes=((4096, 4096), (4096
                 rope_shapes=((1, 1), (16, 1), (1, 512)), rope_pairs=(64, 40),
                 smoke=dict(shape="tiny", layers=None, prompt_len=64, new_tokens=16), smoke_variants=SMOKE_VARIANTS,
                 main=dict(shape="llama3_8b", layers=None, prompt_len=512, new_tokens=128, prior_s=30.0),
+                main_variants=DECODE_VARIANTS,
                 decode_repeats=3, compiler_options=None)
 TINY_PLAN = Plan(probe_mb=4, matmul_n=128, kernel_shapes=((256, 64), (128, 32)), kernel_batches=(1, 16),
                  kernel_repeats=1, kernel_calls=2, rope_shapes=((1, 1), (2, 3)), rope_pairs=(12,),
                  smoke=dict(shape="tiny", layers=1, prompt_len=8, new_tokens=3),
                  smoke_variants=(("bf16", 0.0, "xla"), ("w4", 0.35, "pallas")),
                  main=dict(shape="tiny", layers=1, prompt_len=8, new_tokens=3),
+                 # every code path of the GPU plan's nine (bf16; W4 through XLA and the kernel, whole
+                 # and pruned) once: the 0.15 / 0.25 twins add only time to a CPU dry run
+                 main_variants=DECODE_VARIANTS[:4] + (("w4", 0.35, "pallas"),),
                  decode_repeats=1, compiler_options={"xla_backend_optimization_level": 0})
 
 
@@ -465,7 +470,7 @@ def run(out: Path, *, tiny: bool, budget_s: float, steps=STEPS, start: float | N
     if "rope" in steps:
         step_rope(suite, plan, probe)
     if "decode" in steps:
-        step_decode(suite, plan, "main", plan.main, DECODE_VARIANTS, decode_report)
+        step_decode(suite, plan, "main", plan.main, plan.main_variants, decode_report)
     suite.manifest["finished"] = True
     suite.save()
     counts = {s: sum(st["status"] == s for st in suite.manifest["steps"]) for s in ("done", "skipped", "failed")}

@@ -47,7 +47,9 @@ def main_guard(run):
     """
     from converters import hf
     from uniql_jax import checkpoint, data
+    from uniql_jax.host_memory import return_freed_arrays_to_os
 
+    return_freed_arrays_to_os()  # before the model is loaded: freed blocks leave the resident set
     try:
         return run()
     except (InputError, hf.CheckpointError, checkpoint.CheckpointError, checkpoint.RateError, data.DataError) as e:

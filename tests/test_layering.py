@@ -12,7 +12,7 @@ only; its own imports are edges like any module's).
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
-0  formats and kernels: `uniql_jax.config`, `uniql_jax.paths`, the packed weight formats
+0  formats and kernels: `uniql_jax.config`, `uniql_jax.paths`, `uniql_jax.host_memory`, the packed weight formats
    package `uniql_jax.quant.formats` (`qarray`, `bcq` and `packed`, their one interface),
    the empty `uniql_jax.quant` package that holds it; all of `pallas_kernels` (kernels,
    references, dispatchers, their benches): kernels sit below the models, so the dispatcher
@@ -51,7 +51,7 @@ PACKAGES = ("uniql_jax", "pallas_kernels", "converters", "experiments", "benchma
 FORMATS = ("uniql_jax.quant.formats",)  # the package: qarray, bcq, packed
 # (module or package prefix, layer); the longest matching prefix wins
 LAYERS = {
-    "uniql_jax.config": 0, "uniql_jax.paths": 0, "uniql_jax.quant": 0, **{m: 0 for m in FORMATS},
+    "uniql_jax.config": 0, "uniql_jax.paths": 0, "uniql_jax.host_memory": 0, "uniql_jax.quant": 0, **{m: 0 for m in FORMATS},
     "pallas_kernels": 0,
     "uniql_jax.models": 1, "uniql_jax.inference": 1, "uniql_jax.eval": 1, "uniql_jax.data": 1,
     "uniql_jax.distributed": 1,

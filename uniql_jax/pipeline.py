@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from uniql_jax.eval import blockwise_nll, perplexity
 from uniql_jax.finetune.data import FinetuneData
 from uniql_jax.finetune.lora import TrainConfig
 from uniql_jax.finetune.train import finetune_stage
+from uniql_jax.host_memory import peak_rss_mb
 from uniql_jax.inference import generate
 from uniql_jax.paths import DEFAULTS, STORIES260K, TINYSTORIES, InputError, user_path
 from uniql_jax.quant.formats.packed import deployed_bytes
@@ -93,12 +92,6 @@ class Inputs:
     calib_spec: str | None  # the calibration / evaluation data read (None: TinyStories)
     eval_spec: str | None
     convert_s: float  # wall time of loading all of the above
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 class Timer:

@@ -45,12 +45,20 @@ def test_every_file_and_step_in_order(dry_run):
                 + [f"decode smoke {v} {r:.2f} {i}" for v, r, i in PLAN.smoke_variants]
                 + [f"{op} {k}x{n}" for op in ("w4a16", "bcq") for k, n in PLAN.kernel_shapes]
                 + [f"rope {b}x{t}" for b, t in PLAN.rope_shapes]
-                + ["decode main setup"] + [f"decode main {v} {r:.2f} {i}" for v, r, i in gpu_suite.DECODE_VARIANTS])
+                + ["decode main setup"] + [f"decode main {v} {r:.2f} {i}" for v, r, i in PLAN.main_variants])
     assert names == expected
     assert all(finite_positive(s["seconds"]) for s in suite["steps"])
     probe = files["probe.json"]
     assert finite_positive(probe["copy_bandwidth_GBps"], probe["bf16_matmul_TFLOPs"])
     assert probe["backend"] == "cpu" and probe["interpret"] is True
+
+
+def test_the_dry_run_covers_every_kind_of_decode_variant_the_gpu_runs():
+    """The tiny plan runs a subset of the GPU plan's decode variants: every (variant, impl,
+    pruned or not) kind of them, so a path the GPU would take cannot go untried on CPU."""
+    kinds = lambda variants: {(v, impl, rate > 0) for v, rate, impl in variants}  # noqa: E731
+    assert set(PLAN.main_variants) <= set(gpu_suite.GPU_PLAN.main_variants)
+    assert kinds(PLAN.main_variants) == kinds(gpu_suite.GPU_PLAN.main_variants)
 
 
 @pytest.mark.parametrize("op", ["w4a16", "bcq"])
@@ -88,7 +96,7 @@ def test_rope_rows_time_the_kernel(dry_run):
 def test_decode_variants_finite_and_pallas_really_ran(dry_run, section):
     decode = dry_run[1]["decode.json"]
     sec = decode[section]
-    variants = PLAN.smoke_variants if section == "smoke" else gpu_suite.DECODE_VARIANTS
+    variants = PLAN.smoke_variants if section == "smoke" else PLAN.main_variants
     assert [(v["variant"], v["rate"], v["impl"]) for v in sec["variants"]] == list(variants)
     layers = sec["layers"]
     for v in sec["variants"]:
@@ -129,7 +137,7 @@ def test_spent_budget_skips_and_records_every_remaining_step(tmp_path):
     assert all("budget exhausted" in s["reason"] or s["reason"] == "setup did not complete" for s in steps)
     decode = json.loads((tmp_path / "decode.json").read_text())
     assert [(v["variant"], v["rate"], v["impl"], v["status"]) for v in decode["main"]["variants"]] == [
-        (*v, "skipped") for v in gpu_suite.DECODE_VARIANTS]
+        (*v, "skipped") for v in PLAN.main_variants]
     w4a16 = json.loads((tmp_path / "w4a16.json").read_text())
     assert w4a16["rows"] == [] and [s["shape"] for s in w4a16["skipped"]] == [list(s) for s in PLAN.kernel_shapes]
     assert not (tmp_path / "probe.json").exists()
