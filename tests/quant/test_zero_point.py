@@ -160,6 +160,7 @@ def test_quantize_zero_point_packs_every_weight_with_offsets(zero_point_model):
         uq.quantize(cfg, params, None, method="uniquan", zero_point=True)
 
 
+@pytest.mark.slow  # interpret-mode kernels on a whole model; the kernel's own offsets: test_w4a16_kernel.py
 def test_forward_pallas_with_zero_point_equals_dense_forward(zero_point_model):
     """The model forward on the kernels (interpret mode) takes the offsets in the W4A16 kernel
     (logged as w4a16/pallas, never a fallback) and equals the xla forward of the dequantized
