@@ -9,9 +9,10 @@ windows of `--seq-len` tokens (the shape of the SmolLM2 fine-tuning run in the R
 small evaluation set. Per setting: XLA's memory analysis of the compiled step (temporaries,
 arguments, outputs), the process's peak RSS, and the wall time of a step after compilation.
 
-Settings: `remat=False` (every block's activations kept for the backward pass) and
+Settings: `remat=False` (every block's activations kept for the backward pass),
 `remat=True`, the default (runs of identical blocks scanned under `jax.checkpoint`, each block
-recomputed in the backward pass with its adapters merged inside; `eval.rematerialized_blocks`). Both
+recomputed in the backward pass with its adapters merged inside; `eval.rematerialized_blocks`), and
+that with `host_memory.return_freed_arrays_to_os()` as the command-line tools run. All
 run the head over 128-position chunks (`eval.head_nll_sums`), so neither holds the float32
 logits of the whole batch.
 
@@ -34,6 +35,9 @@ import time
 from benchmarks.real_model import REPO, SMOLLM2, WIKITEXT2_VALID
 
 
+MEMORY_SETTINGS = ("no-remat", "remat", "remat+allocator")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.finetune_memory", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(SMOLLM2), help="HF folder or .gguf (default: the shared SmolLM2-135M)")
@@ -46,7 +50,7 @@ def build_parser():
                    help="windows per step of the paired step-time comparison (default 2: both fit in memory)")
     p.add_argument("--pair-rounds", type=int, default=3)
     p.add_argument("--only", choices=("memory", "pair"), help="run one part and update that part of --out")
-    p.add_argument("--child", choices=("remat", "no-remat", "pair"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=MEMORY_SETTINGS + ("pair",), help=argparse.SUPPRESS)
     return p
 
 
@@ -63,7 +67,11 @@ def child(args) -> dict:
     from uniql_jax.finetune import lora as ft
     from uniql_jax.finetune.train import EvalConfig, train_lora
 
-    remat = args.child == "remat"
+    remat = args.child.startswith("remat")
+    if args.child == "remat+allocator":  # what the command-line tools do first
+        from uniql_jax.host_memory import return_freed_arrays_to_os
+
+        assert return_freed_arrays_to_os()
     cfg, params = hf.load(args.model)
     tokenizer = hf.load_tokenizer(args.model)
     text = open(args.text, encoding="utf-8").read()
@@ -91,7 +99,7 @@ def child(args) -> dict:
                         eval_cfg=EvalConfig(windows=4, batch_size=4), progress=False)
     run_s = time.perf_counter() - t0
     jax.block_until_ready(result.best_lora)
-    return {"remat": remat, "compile_s": round(compile_s, 2), "train_lora_s": round(run_s, 2),
+    return {"setting": args.child, "remat": remat, "compile_s": round(compile_s, 2), "train_lora_s": round(run_s, 2),
             "xla_step_bytes": xla, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "float32_weight_bytes": int(sum(x.size * 4 for x in jax.tree.leaves(params)))}
 
@@ -172,7 +180,7 @@ def main(argv=None):
 
 def memory_part(args) -> dict:
     rows = []
-    for setting in ("no-remat", "remat"):
+    for setting in MEMORY_SETTINGS:
         rows.append(run_child(args, setting))
     return {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
             "host": platform.node(), "cpus": os.cpu_count(), "settings": rows,

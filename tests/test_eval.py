@@ -205,3 +205,32 @@ def test_remat_actually_frees_the_activations_on_this_backend():
                                 allow_int=True))
         temp[remat] = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.5 * temp[False], temp
+
+
+@pytest.mark.parametrize("arch,quantized", [("llama", True), ("nemotron_h", False)])
+def test_a_rate_from_the_full_params_equals_the_sliced_model(arch, quantized):
+    """evaluate_rates hands the unpruned params to the evaluation with the rate's config, and each
+    block program slices its own block: the perplexity equals the one of the sliced copy
+    (`prune`), float or packed, and the reported bytes are the sliced model's."""
+    from tests.helpers import random_params
+    from uniql_jax.compress.allocate import evaluate_rates
+    from uniql_jax.compress.prune import prune
+    from uniql_jax.pipeline import uniform_table
+    from uniql_jax.quant.formats import packed
+    from uniql_jax.quant.quantize import rtn_quantize_model
+    from uniql_jax.tiny import tiny_config
+
+    cfg = tiny_config(arch, 97, 32)
+    params = random_params(cfg, 0)
+    table = uniform_table(cfg, [0.0, 0.25], group_size=16)
+    if quantized:
+        params = rtn_quantize_model(cfg, params, table, bits=4, group_size=16)[0]
+        assert any(packed.is_packed(x) for x in jax.tree.leaves(params, is_leaf=packed.is_packed))
+    tokens = np.random.default_rng(5).integers(0, 97, 4 * 32)
+    rows = evaluate_rates(cfg, params, table, tokens, seq_len=32, batch_size=2)
+    for row in rows:
+        cfg_p, params_p = prune(cfg, params, row["rate"], table)
+        assert cfg_p.blocks != cfg.blocks or row["rate"] == 0.0
+        ppl = ev.perplexity(cfg_p, params_p, tokens, seq_len=32, batch_size=2)
+        assert row["ppl"] == pytest.approx(ppl, rel=1e-6)
+        assert row["param_bytes"] == packed.deployed_bytes(params_p)

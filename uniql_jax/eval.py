@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from uniql_jax import distributed
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.layers import rms_norm
-from uniql_jax.models.stacks import bind, bind_block, block_key, embed_lookup, head_logits
+from uniql_jax.models.stacks import bind, bind_block, block_key, block_shapes, embed_lookup, head_logits
+from uniql_jax.quant.formats.packed import slice_to_shapes
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -147,10 +148,16 @@ def _positions(batch_BxT):
 
 
 def _block_residual(cfg: ModelConfig, blk, impl):
-    """x -> x + block(x) for one block, as a pure function of its params (shared by every path here)."""
+    """x -> x + block(x) for one block, as a pure function of its params (shared by every path here).
+
+    The params may be those of a larger block of the same sorted model (the unpruned one): they
+    are sliced to `blk`'s sizes inside the program, so evaluating a rate never materializes a
+    sliced copy of the model (jit keys the program on the shapes it is given)."""
     geometry, small = block_key(cfg, blk)
+    shapes = block_shapes(cfg, blk)
 
     def run(block_params, x_BxTxD, mask):
+        block_params = slice_to_shapes(shapes, block_params)
         update, _ = bind_block(geometry, small, block_params)(x_BxTxD, _positions(x_BxTxD), None, mask, impl)
         return x_BxTxD + update
 
@@ -275,7 +282,9 @@ def perplexity(cfg: ModelConfig, params, tokens, *, seq_len: int, batch_size: in
                masks=None, mesh: Mesh | None = None, progress: bool | None = None) -> float:
     """exp(mean NLL of tokens 2..T over non-overlapping windows of `seq_len`) (docs/method.md, "Evaluation").
 
-    tokens: a 1-D int stream; the tail shorter than `seq_len` is dropped. Windows
+    tokens: a 1-D int stream; the tail shorter than `seq_len` is dropped. `params` may be those
+    of the unpruned sorted model when `cfg` is a rate's config: each block is sliced inside its
+    program (``_block_residual``). Windows
     are split over the "data" axis of `mesh` (default: all local devices),
     `batch_size` windows per device per step; a progress bar shows on long runs.
     """

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from uniql_jax.compress import calibration
-from uniql_jax.compress.prune import abstract_params, prune
+from uniql_jax.compress.prune import abstract_params, lookup_rate, slice_to_config
 from uniql_jax.config import ModelConfig, full_rank_blocks
 from uniql_jax.quant.formats import packed
 
@@ -162,12 +162,16 @@ def param_count(cfg: ModelConfig) -> int:
 
 def evaluate_rates(cfg: ModelConfig, params: dict, table: dict, tokens, *, seq_len: int, batch_size: int = 4,
                    progress: bool = False) -> list[dict]:
-    """[{"rate", "ppl", "params", "param_bytes"}] for every rate of `table`, each on the sliced model."""
+    """[{"rate", "ppl", "params", "param_bytes"}] for every rate of `table`, each on the sliced model.
+
+    The full params go to the evaluation with the rate's config: each block program slices its
+    own block (``eval._block_residual``), so no sliced copy of the model is ever held."""
     from uniql_jax.eval import perplexity
 
     rows = []
     for r in sorted(table, key=float):
-        cfg_p, params_p = prune(cfg, params, r, table)
-        ppl = perplexity(cfg_p, params_p, tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
-        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": packed.deployed_bytes(params_p)})
+        cfg_p = cfg.with_blocks(lookup_rate(table, r))
+        ppl = perplexity(cfg_p, params, tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
+        sliced = jax.eval_shape(lambda p, cfg_p=cfg_p: slice_to_config(cfg_p, p), params)  # shapes only
+        rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": packed.deployed_bytes(sliced)})
     return rows

@@ -5,7 +5,7 @@ channels first, so the model a rate keeps is, weight by weight, a leading box of
 the full arrays. The target shapes come from the smaller config itself (an
 abstract model built from it), so there is one source of truth for layouts.
 Packed quantized weights are sliced in their packed form (codes and scales only,
-never re-quantized).
+never re-quantized); the slicing itself is the formats' (``packed.slice_to_shapes``).
 """
 
 from __future__ import annotations
@@ -16,31 +16,9 @@ import jax
 
 from uniql_jax.config import ModelConfig
 from uniql_jax.models.stacks import init_params
-from uniql_jax.quant.formats import packed
-from uniql_jax.quant.formats.packed import is_packed
+from uniql_jax.quant.formats.packed import slice_to_shapes
 
 RATE_TOLERANCE = 1e-6  # two pruning rates closer than this are the same stored rate (float noise, JSON)
-
-
-def slice_box(leaf, shape: tuple[int, ...]):
-    """The leading box of `leaf` with the given (smaller or equal) shape."""
-    if tuple(leaf.shape) == tuple(shape):
-        return leaf
-    if len(leaf.shape) != len(shape) or any(n > m for n, m in zip(shape, leaf.shape)):
-        raise ValueError(f"cannot slice an array of shape {tuple(leaf.shape)} to {tuple(shape)}")
-    if is_packed(leaf):
-        for axis, n in enumerate(shape):
-            try:
-                leaf = packed.slice_leading(leaf, axis, n)
-            except ValueError as e:
-                if axis != leaf.axis:
-                    raise
-                raise ValueError(
-                    f"{e}; this weight was quantized in groups the pruned size does not divide: pass the same "
-                    f"allocation table to quantize (uq.quantize(..., table=table)) so that every stored rate "
-                    f"keeps whole groups") from e
-        return leaf
-    return leaf[tuple(slice(0, n) for n in shape)]
 
 
 @functools.lru_cache(maxsize=256)
@@ -49,19 +27,9 @@ def abstract_params(cfg: ModelConfig):
     return jax.eval_shape(lambda: init_params(cfg, 0))
 
 
-def _slice_tree(target, params):
-    """Walk the target structure: arrays a smaller config drops entirely (e.g. q/k when no
-    rotary pair is kept) are simply not visited."""
-    if isinstance(target, dict):
-        return {k: _slice_tree(t, params[k]) for k, t in target.items()}
-    if isinstance(target, (list, tuple)):
-        return type(target)(_slice_tree(t, p) for t, p in zip(target, params))
-    return slice_box(params, target.shape)
-
-
 def slice_to_config(small: ModelConfig, params: dict) -> dict:
     """Params of a sorted model sliced to the (smaller) per-block sizes of `small`."""
-    return _slice_tree(abstract_params(small), params)
+    return slice_to_shapes(abstract_params(small), params)
 
 
 def lookup_rate(table: dict, rate: float) -> tuple:

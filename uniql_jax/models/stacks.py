@@ -80,9 +80,21 @@ def head_logits(cfg: ModelConfig, embed, lm_head, h_BxTxD, impl="xla"):
 
 
 @functools.lru_cache(maxsize=512)
-def _block_graphdef(geometry: ModelConfig, blk: BlockConfig):
+def _abstract_block(geometry: ModelConfig, blk: BlockConfig):
+    """(graphdef, params as ShapeDtypeStructs) of a block module, nothing materialized."""
     module = nnx.eval_shape(lambda: BLOCK_MODULES[blk.kind](geometry, blk, rngs=nnx.Rngs(0)))
-    return nnx.split(module)[0]
+    graph, state = nnx.split(module)
+    return graph, nnx.to_pure_dict(state)
+
+
+def _block_graphdef(geometry: ModelConfig, blk: BlockConfig):
+    return _abstract_block(geometry, blk)[0]
+
+
+def block_shapes(cfg: ModelConfig, blk: BlockConfig) -> dict:
+    """The shapes (``ShapeDtypeStruct`` leaves) of one entry of params["blocks"] for a block of
+    sizes `blk`: what a larger (unpruned) block's params are sliced to."""
+    return _abstract_block(*block_key(cfg, blk))[1]
 
 
 def block_key(cfg: ModelConfig, blk: BlockConfig) -> tuple[ModelConfig, BlockConfig]:

@@ -10,6 +10,8 @@ so none of them branches on a format, and this package imports nothing above it.
 * `is_packed`            the one test for "a packed quantized weight" (`PACKED_TYPES`);
 * `dense`, `dense_einsum` the dequantized view (every format has ``.dequantize(dtype)``);
 * `slice_leading`        the leading box of one axis, bytes sliced, never re-quantized;
+* `slice_box`, `slice_to_shapes`  the leading box of every axis, of one weight or of a tree
+                         (dense or packed alike: what pruning to a rate does to the params);
 * `flatten_contraction`  the 2-D [contraction, rest] packed view the kernels take;
 * `nbytes`, `deployed_bytes`, `bits_per_weight`  storage accounting of a params tree.
 """
@@ -56,6 +58,38 @@ def slice_leading(w, axis: int, n: int):
     except KeyError:
         raise TypeError(f"not a packed weight: {type(w).__name__}") from None
     return slicer(w, axis, n)
+
+
+def slice_box(leaf, shape: tuple[int, ...]):
+    """The leading box of `leaf` (dense or packed) with the given (smaller or equal) shape."""
+    if tuple(leaf.shape) == tuple(shape):
+        return leaf
+    if len(leaf.shape) != len(shape) or any(n > m for n, m in zip(shape, leaf.shape)):
+        raise ValueError(f"cannot slice an array of shape {tuple(leaf.shape)} to {tuple(shape)}")
+    if not is_packed(leaf):
+        return leaf[tuple(slice(0, n) for n in shape)]
+    for axis, n in enumerate(shape):
+        try:
+            leaf = slice_leading(leaf, axis, n)
+        except ValueError as e:
+            if axis != leaf.axis:
+                raise
+            raise ValueError(
+                f"{e}; this weight was quantized in groups the pruned size does not divide: pass the same "
+                f"allocation table to quantize (uq.quantize(..., table=table)) so that every stored rate "
+                f"keeps whole groups") from e
+    return leaf
+
+
+def slice_to_shapes(target, params):
+    """`params` sliced to the leading boxes of `target` (a tree of objects with ``.shape``). The walk
+    follows the target, so arrays a smaller config drops entirely (e.g. q/k when no rotary pair
+    is kept) are simply not visited."""
+    if isinstance(target, dict):
+        return {k: slice_to_shapes(t, params[k]) for k, t in target.items()}
+    if isinstance(target, (list, tuple)):
+        return type(target)(slice_to_shapes(t, p) for t, p in zip(target, params))
+    return slice_box(params, target.shape)
 
 
 def flatten_contraction(w, n_contract: int):
