@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,9 +101,15 @@ def run_job(module, args, *, processes, devices, log_dir, timeout=900, cache=Non
     return wall
 
 
+# gloo's connection notice, written by its C++ threads: two of them can interleave mid-line
+# ("[Gloo] Rank [Gloo] Rank 0 is connected ...\n1 is connected ..."), so the pieces are removed
+GLOO_NOTICE = re.compile(r"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. "
+                         r"Expected number of connected peer ranks is : \d+\n?")
+
+
 def printed(path: Path) -> str:
-    """A process's stdout without gloo's own connection notices (written by its C++ side)."""
-    return "\n".join(line for line in path.read_text().splitlines() if not line.startswith("[Gloo]"))
+    """A process's stdout without gloo's own connection notices."""
+    return GLOO_NOTICE.sub("", path.read_text())
 
 
 def load_run(folder: Path):
