@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import resource
 import sys
 
@@ -32,8 +33,14 @@ def return_freed_arrays_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations of `threshold_bytes` or more by their own mappings (glibc only).
 
     Returns whether the setting took; elsewhere (another libc, another OS) it does nothing and
-    says so in the log, since the memory figures then keep the allocator's own behaviour.
+    says so in the log, since the memory figures then keep the allocator's own behaviour. A
+    threshold the user chose (glibc's own ``MALLOC_MMAP_THRESHOLD_``) is left alone. The cost is
+    fresh zeroed pages for each large array: +8 % wall (+16 s system time) on a 2-minute SmolLM2
+    compress on 2 cores, for 25 % less peak memory (README, "A real model").
     """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        log.info("allocator left as the environment set it (MALLOC_MMAP_THRESHOLD_)")
+        return False
     if not sys.platform.startswith("linux"):
         log.debug("allocator left as it is: not Linux")
         return False
