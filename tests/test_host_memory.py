@@ -39,15 +39,8 @@ def test_freed_arrays_leave_the_resident_set_only_with_the_setting():
     assert released_mb("set") > 150  # each array was its own mapping, unmapped when freed
 
 
-def test_a_threshold_the_user_chose_is_left_alone():
+def test_a_threshold_the_user_chose_is_left_alone(monkeypatch):
     from uniql_jax import host_memory
 
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 << 20)
-    try:
-        assert host_memory.return_freed_arrays_to_os() is False
-    finally:
-        if saved is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 << 20))
+    assert host_memory.return_freed_arrays_to_os() is False

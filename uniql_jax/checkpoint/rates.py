@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from uniql_jax.compress.prune import RATE_TOLERANCE, lookup_rate
+from uniql_jax.compress.prune import RATE_TOLERANCE, rate_config
 from uniql_jax.config import ModelConfig, block_from_dict, block_to_dict
 
 
@@ -61,7 +61,7 @@ def resolve_rate(cfg: ModelConfig, table: dict, rate) -> tuple[ModelConfig, floa
     if not math.isfinite(r) or r < -RATE_TOLERANCE or r > top + RATE_TOLERANCE:
         raise RateError(f"rate {r:g} is outside [0, {top:g}], the range of rates stored in this checkpoint")
     try:
-        return cfg.with_blocks(lookup_rate(table, r)), float(min(table, key=lambda s: abs(s - r)))
+        return rate_config(cfg, table, r), float(min(table, key=lambda s: abs(s - r)))
     except KeyError:
         if abs(r) <= RATE_TOLERANCE:
             return cfg, 0.0

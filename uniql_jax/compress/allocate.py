@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from uniql_jax.compress import calibration
-from uniql_jax.compress.prune import abstract_params, lookup_rate, slice_to_config
+from uniql_jax.compress.prune import abstract_params, rate_config, slice_to_config
 from uniql_jax.config import ModelConfig, full_rank_blocks
 from uniql_jax.quant.formats import packed
 
@@ -170,7 +170,7 @@ def evaluate_rates(cfg: ModelConfig, params: dict, table: dict, tokens, *, seq_l
 
     rows = []
     for r in sorted(table, key=float):
-        cfg_p = cfg.with_blocks(lookup_rate(table, r))
+        cfg_p = rate_config(cfg, table, r)
         ppl = perplexity(cfg_p, params, tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
         sliced = jax.eval_shape(lambda p, cfg_p=cfg_p: slice_to_config(cfg_p, p), params)  # shapes only
         rows.append({"rate": float(r), "ppl": ppl, "params": param_count(cfg_p), "param_bytes": packed.deployed_bytes(sliced)})

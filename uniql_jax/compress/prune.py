@@ -41,7 +41,12 @@ def lookup_rate(table: dict, rate: float) -> tuple:
     raise KeyError(f"rate {rate:g} is not in the table (stored rates: {stored})")
 
 
+def rate_config(cfg: ModelConfig, table: dict, rate: float) -> ModelConfig:
+    """The (smaller) config of the sorted model at a stored `rate`."""
+    return cfg.with_blocks(lookup_rate(table, rate))
+
+
 def prune(cfg: ModelConfig, params: dict, rate: float, table: dict) -> tuple[ModelConfig, dict]:
     """(cfg, params) of the sorted model at `rate`: a smaller config and its leading-box params."""
-    small = cfg.with_blocks(lookup_rate(table, rate))
+    small = rate_config(cfg, table, rate)
     return small, slice_to_config(small, params)
