@@ -109,7 +109,9 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, 
     the forward pass, so every block's activations stay live (measured: 1.73 GB of
     temporaries for 8 SmolLM2 blocks of 8 x 512 tokens, against 1.80 GB without
     remat); a loop body cannot be merged with the forward pass. A block that repeats
-    nothing runs alone under `jax.checkpoint` (which XLA:CPU may undo).
+    nothing runs alone under `jax.checkpoint` (which XLA:CPU may undo). The body picks its
+    repetition's weights itself (`lax.switch`): stacking them for the scan would copy every
+    block's weights into the program's temporaries.
 
     `adapt(index, block_params, adapters[index])`, when given, transforms a block's
     params inside the body (`index` traced in a scan), e.g. merges LoRA adapters.
@@ -119,8 +121,17 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, 
     for start, period, reps in repeated_runs(keys):
         unit = [_block_residual(cfg, cfg.blocks[start + j], impl) for j in range(period)]
 
-        def body(x, unit_inputs, unit=unit, start=start, period=period):
-            r, unit_params, unit_adapters, unit_masks = unit_inputs
+        def inputs(r, start=start, period=period):
+            idx = range(start + r * period, start + (r + 1) * period)
+            pick = lambda tree: None if tree is None else [tree[i] for i in idx]  # noqa: E731
+            return pick(blocks), pick(adapters), pick(masks)
+
+        def body(x, unit_inputs, unit=unit, start=start, period=period, reps=reps, inputs=inputs):
+            r, unit_adapters, unit_masks = unit_inputs
+            # the weights of repetition r, chosen in the body instead of stacked beforehand: a stack
+            # would copy every block's weights into the step's temporaries
+            unit_params = inputs(0)[0] if reps == 1 else jax.lax.switch(
+                r, [lambda k=k: inputs(k)[0] for k in range(reps)])
             for j, run in enumerate(unit):
                 bp = unit_params[j]
                 if adapt is not None:
@@ -128,16 +139,11 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, 
                 x = run(bp, x, None if unit_masks is None else unit_masks[j])
             return x, None
 
-        def inputs(r, start=start, period=period):
-            idx = range(start + r * period, start + (r + 1) * period)
-            pick = lambda tree: None if tree is None else [tree[i] for i in idx]  # noqa: E731
-            return pick(blocks), pick(adapters), pick(masks)
-
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         if reps == 1:
-            x, _ = body(x, (0, *inputs(0)))
-        else:
-            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[inputs(r) for r in range(reps)])
+            x, _ = body(x, (0, *inputs(0)[1:]))
+        else:  # the adapters and masks are small: stacked and scanned over
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[inputs(r)[1:] for r in range(reps)])
             x, _ = jax.lax.scan(body, x, (jnp.arange(reps), *stacked))
     return x
 

@@ -8,6 +8,10 @@ moving threshold the resident memory keeps every stage's high-water mark.
 `return_freed_arrays_to_os` fixes the threshold, which also stops it moving: every
 allocation of a MiB or more gets its own mapping, unmapped as soon as it is freed. The
 command-line tools call it first thing; measured on SmolLM2-135M (README, "A real model").
+
+What stays in the heap, the many small blocks a compilation or a program's run allocates and
+frees, goes back only when asked: `trim_heap`, called between the steps of long loops
+(fine-tuning), so one step's freed memory does not sit under the next step's peak.
 """
 
 from __future__ import annotations
@@ -51,3 +55,19 @@ def return_freed_arrays_to_os(threshold_bytes: int = 1 << 20) -> bool:
     if not ok:
         log.info("allocator left as it is: no glibc mallopt; freed memory may stay resident")
     return ok
+
+
+def trim_heap() -> bool:
+    """Give the free pages of glibc's heaps back to the operating system (``malloc_trim(0)``).
+
+    Returns whether it ran (glibc only). A few milliseconds; the resident memory falls by the
+    freed small blocks that the heap kept (1.8 GB after the first SmolLM2 fine-tuning step,
+    which compiles: README, "A real model").
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return True

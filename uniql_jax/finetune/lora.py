@@ -114,7 +114,7 @@ class TrainConfig:
     seq_len: int = 256  # tokens per packed window (T)
     compute_dtype: str = "float32"  # dtype of the frozen weights and activations: one of COMPUTE_DTYPES
     remat: bool = True  # recompute each block's activations in the backward pass (SmolLM2, 8 x 512 tokens: step
-    # temporaries 13.4 -> 1.3 GB at about +20 % step time; benchmarks/cpu-finetune-memory-smollm2.json)
+    # temporaries 13.4 -> 0.86 GB at about +10 % step time; benchmarks/cpu-finetune-memory-smollm2.json)
     seed: int = 0  # batch order, rates, dropout and the initial A: all functions of (seed, step)
 
     def __post_init__(self):
@@ -209,6 +209,20 @@ def merged_params(cfg: ModelConfig, lora_cfg: LoraConfig, base: dict, lora: dict
     """`merge` without dropout, jitted."""
     del cfg  # part of the cache key only: the structure of `base` follows it
     return merge(base, lora, lora_cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def adapted_window_nll(cfg: ModelConfig, lora_cfg: LoraConfig, base: dict, lora: dict, tokens_BxT, masks=None):
+    """`window_nll` of the merged model (no dropout) -> float32 [B], without a merged copy of the model.
+
+    Each block's adapters are merged inside its own body of the scanned forward
+    (`eval.rematerialized_blocks`), so only one block's merged weights exist at a time; the
+    whole-model alternative `window_nll(merged_params(...))` holds a second copy of every
+    weight (+538 MB for SmolLM2-135M)."""
+    def adapt(index, block_params, adapters):
+        return merge_block(block_params, adapters, index, lora_cfg)
+
+    return window_nll_core(cfg, base, tokens_BxT, masks=masks, remat=True, adapt=adapt, adapters=lora["blocks"])
 
 
 def cast_floats(tree, dtype):

@@ -40,8 +40,9 @@ from uniql_jax.compress.allocate import evaluate_rates
 from uniql_jax.config import ModelConfig
 from uniql_jax.eval import window_nll, windows
 from uniql_jax.finetune.data import FinetuneData
-from uniql_jax.finetune.lora import (LoraConfig, TrainConfig, cast_floats, init_lora, learning_rate,
-                                     make_optimizer, merged_params, rate_probs, train_step)
+from uniql_jax.finetune.lora import (LoraConfig, TrainConfig, adapted_window_nll, cast_floats, init_lora,
+                                     learning_rate, make_optimizer, merged_params, rate_probs, train_step)
+from uniql_jax.host_memory import trim_heap
 from uniql_jax.paths import user_path
 from uniql_jax.quant.formats.packed import is_packed
 
@@ -89,18 +90,25 @@ def batch_indices(n_windows: int, step: int, per_step: int, seed: int) -> np.nda
     return out
 
 
-def eval_nll_per_rate(cfg: ModelConfig, params: dict, windows_WxT, stacked_masks, *, batch_size: int = 8):
+def eval_nll_per_rate(cfg: ModelConfig, params: dict, windows_WxT, stacked_masks, *, batch_size: int = 8,
+                      lora: dict | None = None, lora_cfg: LoraConfig = LoraConfig()):
     """Mean next-token NLL of `windows_WxT` under each rate's masks -> float64 [n_rates].
 
-    One compiled forward (`eval.window_nll`, masks traced) serves every rate.
+    One compiled forward (masks traced) serves every rate: `eval.window_nll`, or with `lora`
+    the adapted model without a merged copy (`lora.adapted_window_nll`).
     """
     n_rates = jax.tree.leaves(stacked_masks)[0].shape[0]
     W, T = windows_WxT.shape
+
+    def nll(batch, masks):
+        if lora is None:
+            return window_nll(cfg, params, batch, masks=masks)
+        return adapted_window_nll(cfg, lora_cfg, params, lora, batch, masks)
+
     out = []
     for i in range(n_rates):
         masks = mask_lib.select(stacked_masks, i)
-        nll_per_batch = [window_nll(cfg, params, jnp.asarray(windows_WxT[s:s + batch_size]), masks=masks)
-                         for s in range(0, W, batch_size)]
+        nll_per_batch = [nll(jnp.asarray(windows_WxT[s:s + batch_size]), masks) for s in range(0, W, batch_size)]
         out.append(float(np.concatenate([np.asarray(x, np.float64) for x in nll_per_batch]).sum()) / (W * (T - 1)))
     return np.asarray(out)
 
@@ -213,13 +221,14 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
     def evaluate(step, lora_now):
         """Eval loss of the adapters, or None when they break the dense guard."""
         t0 = time.perf_counter()
-        merged = merged_params(cfg, lora_cfg, base, lora_now)
-        per_rate = eval_nll_per_rate(cfg, merged, eval_w_WxT, stacked_masks, batch_size=eval_cfg.batch_size)
+        per_rate = eval_nll_per_rate(cfg, base, eval_w_WxT, stacked_masks, batch_size=eval_cfg.batch_size,
+                                     lora=lora_now, lora_cfg=lora_cfg)
         entry = {"step": step, "eval_loss": float(per_rate.mean()), "per_rate": per_rate.tolist()}
         if history["evals"] and eval_cfg.dense_tolerance is not None:
             dense_start = history["evals"][0]["per_rate"][0]
             entry["dense_ok"] = bool(per_rate[0] <= dense_start + math.log1p(eval_cfg.dense_tolerance))
         history["evals"].append(entry)
+        trim_heap()  # the evaluation's freed blocks leave before the next step's peak
         spent["evaluate"] += time.perf_counter() - t0
         return entry["eval_loss"] if entry.get("dense_ok", True) else None
 
@@ -251,17 +260,31 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         from tqdm.auto import tqdm  # its bar shows the rate and the ETA
 
         bar = tqdm(bar, desc="masked LoRA", unit="step", initial=start, total=tc.steps)
+    def batch(step):
+        idx = batch_indices(len(train_w_WxT), step, per_step, tc.seed)
+        return jnp.asarray(train_w_WxT[idx].reshape(tc.grad_accum, tc.batch_size, tc.seq_len))
+
+    compile_s, step_memory = 0.0, {}
+    if start < tc.steps:  # compiled ahead, so that the compiler's freed memory leaves before the first step runs
+        t0 = time.perf_counter()
+        compiled_step = train_step.lower(cfg, lora_cfg, tc, state, base, batch(start), stacked_masks,
+                                         jnp.int32(start)).compile()
+        compile_s = time.perf_counter() - t0
+        step_memory = _memory_analysis(compiled_step)
+        trim_heap()
+        log.info("masked LoRA step compiled in %.1f s (%s)", compile_s,
+                 ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in step_memory.items()) or "no memory analysis")
     t_first, step_s, n_timed = None, 0.0, 0
     for step in bar:
-        idx = batch_indices(len(train_w_WxT), step, per_step, tc.seed)
-        batch_MxBxT = jnp.asarray(train_w_WxT[idx].reshape(tc.grad_accum, tc.batch_size, tc.seq_len))
+        batch_MxBxT = batch(step)
         t0 = time.perf_counter()
-        state, metrics = train_step(cfg, lora_cfg, tc, state, base, batch_MxBxT, stacked_masks, jnp.int32(step))
+        state, metrics = compiled_step(state, base, batch_MxBxT, stacked_masks, jnp.int32(step))
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
         if t_first is None:
-            t_first = time.perf_counter() - t0  # includes compilation
+            t_first = time.perf_counter() - t0
         else:
             step_s, n_timed = step_s + time.perf_counter() - t0, n_timed + 1
+        trim_heap()  # the step's freed blocks leave the resident set before the next evaluation or step
         metrics = {"step": step + 1, "loss": metrics["loss"], "rate": rates[int(metrics["rate_index"])],
                    "grad_norm": metrics["grad_norm"], "lr": learning_rate(tc, step)}
         history["steps"].append(metrics)
@@ -283,14 +306,25 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         ckpts.close()
     if n_timed:  # train steps only: compilation, evaluations and checkpoints excluded
         history["tokens_per_s"] = n_timed * per_step * tc.seq_len / max(step_s, 1e-9)
-    history["timings_s"] = {"total": round(time.perf_counter() - t_start, 3), "first_step": t_first,
+    history["step_memory_bytes"] = step_memory
+    history["timings_s"] = {"total": round(time.perf_counter() - t_start, 3), "compile": round(compile_s, 3),
+                            "first_step": t_first,
                             "steps": round(step_s, 3), **{k: round(v, 3) for k, v in spent.items()}}
-    log.info("masked LoRA: %d steps in %.1f s (first step %.1f s, evaluations %.1f s, checkpoints %.1f s)",
-             tc.steps - start, history["timings_s"]["total"], t_first or 0.0, spent["evaluate"], spent["checkpoint"])
+    log.info("masked LoRA: %d steps in %.1f s (compile %.1f s, first step %.1f s, evaluations %.1f s, "
+             "checkpoints %.1f s)", tc.steps - start, history["timings_s"]["total"], compile_s, t_first or 0.0,
+             spent["evaluate"], spent["checkpoint"])
     history["config"] = {"lora": dataclasses.asdict(lora_cfg), "train": dataclasses.asdict(tc),
                          "eval_every": eval_every, "eval_windows": int(eval_w_WxT.shape[0]),
                          "train_windows": int(train_w_WxT.shape[0]), "resumed_from": start}
     return FinetuneResult(lora=state["lora"], best_lora=best_lora, history=history)
+
+
+def _memory_analysis(compiled) -> dict:
+    """XLA's bytes of a compiled program: {"temporaries", "arguments", "outputs"} ({} where not reported)."""
+    mem = compiled.memory_analysis()
+    names = {"temporaries": "temp_size_in_bytes", "arguments": "argument_size_in_bytes",
+             "outputs": "output_size_in_bytes"}
+    return {k: int(getattr(mem, v)) for k, v in names.items() if mem is not None and hasattr(mem, v)}
 
 
 # ============================================================================ entry points
@@ -321,7 +355,8 @@ def finetune_stage(cfg: ModelConfig, params: dict, table: dict, text: FinetuneDa
     data_s = time.perf_counter() - t0
     before = evaluate_rates(cfg, params, table, eval_tokens, seq_len=tc.seq_len) if eval_tokens is not None else None
     merged, history = finetune(cfg, params, table, train_tokens, dev_tokens, tc, **finetune_kw)
-    report = {key: history.get(key) for key in ("best_step", "best_eval_loss", "tokens_per_s", "config", "evals",
+    report = {key: history.get(key) for key in ("best_step", "best_eval_loss", "tokens_per_s", "step_memory_bytes",
+                                                "config", "evals",
                                                 "rates", "rate_probs")}
     report["source"] = text.name
     report["train_tokens"], report["dev_tokens"] = int(len(train_tokens)), int(len(dev_tokens))
