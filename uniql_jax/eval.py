@@ -121,17 +121,16 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, 
     for start, period, reps in repeated_runs(keys):
         unit = [_block_residual(cfg, cfg.blocks[start + j], impl) for j in range(period)]
 
-        def inputs(r, start=start, period=period):
-            idx = range(start + r * period, start + (r + 1) * period)
-            pick = lambda tree: None if tree is None else [tree[i] for i in idx]  # noqa: E731
-            return pick(blocks), pick(adapters), pick(masks)
+        def pick(tree, r, start=start, period=period):
+            """Repetition r's entries of a per-block list (None stays None)."""
+            return None if tree is None else tree[start + r * period:start + (r + 1) * period]
 
-        def body(x, unit_inputs, unit=unit, start=start, period=period, reps=reps, inputs=inputs):
+        def body(x, unit_inputs, unit=unit, start=start, period=period, reps=reps, pick=pick):
             r, unit_adapters, unit_masks = unit_inputs
             # the weights of repetition r, chosen in the body instead of stacked beforehand: a stack
             # would copy every block's weights into the step's temporaries
-            unit_params = inputs(0)[0] if reps == 1 else jax.lax.switch(
-                r, [lambda k=k: inputs(k)[0] for k in range(reps)])
+            unit_params = pick(blocks, 0) if reps == 1 else jax.lax.switch(
+                r, [lambda k=k: pick(blocks, k) for k in range(reps)])
             for j, run in enumerate(unit):
                 bp = unit_params[j]
                 if adapt is not None:
@@ -141,9 +140,10 @@ def rematerialized_blocks(cfg: ModelConfig, blocks: list, x_BxTxD, masks, impl, 
 
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         if reps == 1:
-            x, _ = body(x, (0, *inputs(0)[1:]))
+            x, _ = body(x, (0, pick(adapters, 0), pick(masks, 0)))
         else:  # the adapters and masks are small: stacked and scanned over
-            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[inputs(r)[1:] for r in range(reps)])
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                   *[(pick(adapters, r), pick(masks, r)) for r in range(reps)])
             x, _ = jax.lax.scan(body, x, (jnp.arange(reps), *stacked))
     return x
 

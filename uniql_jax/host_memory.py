@@ -33,6 +33,16 @@ def peak_rss_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def _glibc_call(name: str, *args):
+    """The result of glibc's function `name`, or None without glibc (another libc or OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)(*args)
+    except (OSError, AttributeError):  # not glibc (musl has neither mallopt nor malloc_trim)
+        return None
+
+
 def return_freed_arrays_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations of `threshold_bytes` or more by their own mappings (glibc only).
 
@@ -45,13 +55,7 @@ def return_freed_arrays_to_os(threshold_bytes: int = 1 << 20) -> bool:
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         log.info("allocator left as the environment set it (MALLOC_MMAP_THRESHOLD_)")
         return False
-    if not sys.platform.startswith("linux"):
-        log.debug("allocator left as it is: not Linux")
-        return False
-    try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        ok = False
+    ok = _glibc_call("mallopt", _M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
     if not ok:
         log.info("allocator left as it is: no glibc mallopt; freed memory may stay resident")
     return ok
@@ -64,10 +68,4 @@ def trim_heap() -> bool:
     freed small blocks that the heap kept (1.8 GB after the first SmolLM2 fine-tuning step,
     which compiles: README, "A real model").
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return True
+    return _glibc_call("malloc_trim", 0) is not None

@@ -260,6 +260,7 @@ def train_lora(cfg: ModelConfig, params: dict, table: dict, train_tokens, eval_t
         from tqdm.auto import tqdm  # its bar shows the rate and the ETA
 
         bar = tqdm(bar, desc="masked LoRA", unit="step", initial=start, total=tc.steps)
+
     def batch(step):
         idx = batch_indices(len(train_w_WxT), step, per_step, tc.seed)
         return jnp.asarray(train_w_WxT[idx].reshape(tc.grad_accum, tc.batch_size, tc.seq_len))
