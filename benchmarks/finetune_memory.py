@@ -21,9 +21,15 @@ that with `host_memory.return_freed_arrays_to_os()` as the command-line tools ru
 run the head over 128-position chunks (`eval.head_nll_sums`), so neither holds the float32
 logits of the whole batch.
 
-Then the step time of both, side by side in one process (`--pair-batch-size` windows, both
-compiled, run alternately `--pair-rounds` times): the ratio, and whether the losses are equal.
-`--only memory|pair` reruns one part and keeps the other part of `--out`.
+The `+microM` settings split each step of `--batch-size` windows into accumulated micro-batches
+of M windows (`TrainConfig(batch_size=M, grad_accum=batch_size / M)`, what `compress
+--finetune-micro-batch M` runs): the same gradient, the activation memory of one micro-batch.
+
+Then step times side by side in one process (each variant compiled, then run alternately
+`--pair-rounds` times on the same batch): remat against no remat (`--pair-batch-size` windows;
+the ratio, and whether the losses are equal), and the micro-batch sizes of MICRO_BATCHES at
+`--batch-size` windows per step. `--only memory|pair|micro-pair` reruns one part and keeps the
+rest of `--out`; `--settings a,b` reruns only those memory settings and keeps the other rows.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ import time
 from benchmarks.real_model import REPO, SMOLLM2, WIKITEXT2_VALID
 
 
-MEMORY_SETTINGS = ("no-remat", "remat", "remat+allocator")
+MICRO_BATCHES = (8, 4, 2)  # windows per micro-batch compared at 8 windows per step
+MEMORY_SETTINGS = ("no-remat", "remat", "remat+allocator", "remat+allocator+micro4", "remat+allocator+micro2")
+PAIRS = ("pair", "micro-pair")
 
 
 def build_parser():
@@ -54,8 +62,9 @@ def build_parser():
     p.add_argument("--pair-batch-size", type=int, default=2,
                    help="windows per step of the paired step-time comparison (default 2: both fit in memory)")
     p.add_argument("--pair-rounds", type=int, default=3)
-    p.add_argument("--only", choices=("memory", "pair"), help="run one part and update that part of --out")
-    p.add_argument("--child", choices=MEMORY_SETTINGS + ("pair",), help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=("memory",) + PAIRS, help="run one part and update that part of --out")
+    p.add_argument("--settings", help=f"comma-separated memory settings to rerun (default all: {','.join(MEMORY_SETTINGS)})")
+    p.add_argument("--child", choices=MEMORY_SETTINGS + PAIRS, help=argparse.SUPPRESS)
     return p
 
 
@@ -71,7 +80,8 @@ def child(args) -> dict:
     from uniql_jax.finetune.train import EvalConfig, train_lora
 
     remat = args.child.startswith("remat")
-    if args.child == "remat+allocator":  # what the command-line tools do first
+    micro = int(args.child.split("+micro")[1]) if "+micro" in args.child else args.batch_size
+    if args.child.startswith("remat+allocator"):  # what the command-line tools do first
         from uniql_jax.host_memory import return_freed_arrays_to_os
 
         assert return_freed_arrays_to_os()
@@ -82,7 +92,8 @@ def child(args) -> dict:
     need = (args.steps + 1) * args.batch_size * args.seq_len
     train, held = tokens[:need], tokens[need:need + 4 * args.seq_len]
     table = allocate(cfg, None, None, [0.0, 0.15, 0.25, 0.35], method="uniform", steps=default_steps(cfg))
-    tc = ft.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, remat=remat)
+    tc = ft.TrainConfig(steps=args.steps, batch_size=micro, grad_accum=args.batch_size // micro, seq_len=args.seq_len,
+                        remat=remat)
     lora_cfg = ft.LoraConfig()
 
     t0 = time.perf_counter()
@@ -92,14 +103,18 @@ def child(args) -> dict:
     jax.block_until_ready(result.best_lora)
     xla = result.history["step_memory_bytes"]  # XLA's view of the compiled step
     compile_s = result.history["timings_s"]["compile"]
-    return {"setting": args.child, "remat": remat, "compile_s": round(compile_s, 2), "train_lora_s": round(run_s, 2),
+    return {"setting": args.child, "measured": time.strftime("%Y-%m-%d"), "remat": remat, "micro_batch": micro,
+            "compile_s": round(compile_s, 2), "train_lora_s": round(run_s, 2),
             "xla_step_bytes": xla, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "float32_weight_bytes": int(sum(x.size * 4 for x in jax.tree.leaves(params)))}
 
 
 def pair_child(args) -> dict:
-    """Step time with and without remat, side by side in one process: both steps compiled, then
-    run alternately `--pair-rounds` times on the same batch (the ratio survives a noisy machine)."""
+    """Step times side by side in one process: every variant compiled, then run alternately
+    `--pair-rounds` times on the same batch (the ratios survive a noisy machine).
+
+    pair: remat against no remat at `--pair-batch-size` windows. micro-pair: the micro-batch sizes
+    of MICRO_BATCHES at `--batch-size` windows per step, remat."""
     import statistics
 
     import jax
@@ -115,28 +130,35 @@ def pair_child(args) -> dict:
     table = allocate(cfg, None, None, [0.0, 0.15, 0.25, 0.35], method="uniform", steps=default_steps(cfg))
     _, stacked = mask_lib.mask_table(cfg, table)
     lora_cfg = ft.LoraConfig()
-    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.pair_batch_size, args.seq_len)),
-                        jnp.int32)
-    steps, seconds, losses = {}, {False: [], True: []}, {False: [], True: []}
-    for remat in (False, True):
-        tc = ft.TrainConfig(steps=2, batch_size=args.pair_batch_size, seq_len=args.seq_len, remat=remat)
+    if args.child == "pair":  # name: (remat, windows per micro-batch, micro-batches)
+        variants = {"no_remat": (False, args.pair_batch_size, 1), "remat": (True, args.pair_batch_size, 1)}
+    else:
+        variants = {f"micro{m}": (True, m, args.batch_size // m) for m in MICRO_BATCHES}
+    windows = args.pair_batch_size if args.child == "pair" else args.batch_size
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (windows, args.seq_len))
+    compiled, seconds, losses = {}, {k: [] for k in variants}, {k: [] for k in variants}
+    for name, (remat, micro, accum) in variants.items():
+        tc = ft.TrainConfig(steps=2, batch_size=micro, grad_accum=accum, seq_len=args.seq_len, remat=remat)
+        batch = jnp.asarray(tokens.reshape(accum, micro, args.seq_len), jnp.int32)
         lora = ft.init_lora(cfg, params, lora_cfg, 0)
         state = {"lora": lora, "opt": ft.make_optimizer(tc).init(lora)}
-        steps[remat] = (ft.train_step.lower(cfg, lora_cfg, tc, state, params, batch, stacked, jnp.int32(0)).compile(),
-                        state)
+        step = ft.train_step.lower(cfg, lora_cfg, tc, state, params, batch, stacked, jnp.int32(0)).compile()
+        compiled[name] = (step, state, batch)
     for r in range(args.pair_rounds):
-        for remat in (False, True):
-            compiled, state = steps[remat]
+        for name, (step, state, batch) in compiled.items():
             state = jax.tree.map(jnp.copy, state)  # the step donates its state
             t0 = time.perf_counter()
-            _, metrics = jax.block_until_ready(compiled(state, params, batch, stacked, jnp.int32(r)))
-            seconds[remat].append(round(time.perf_counter() - t0, 3))
-            losses[remat].append(float(metrics["loss"]))
+            _, metrics = jax.block_until_ready(step(state, params, batch, stacked, jnp.int32(r)))
+            seconds[name].append(round(time.perf_counter() - t0, 3))
+            losses[name].append(float(metrics["loss"]))
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"batch_size": args.pair_batch_size, "seq_len": args.seq_len, "step_s": {"no_remat": seconds[False],
-            "remat": seconds[True]}, "median_s": {"no_remat": med[False], "remat": med[True]},
-            "remat_over_no_remat": round(med[True] / med[False], 3),
-            "same_loss": losses[False] == losses[True]}
+    first = next(iter(variants))
+    out = {"windows_per_step": windows, "seq_len": args.seq_len, "step_s": seconds, "median_s": med,
+           "over_" + first: {k: round(v / med[first], 3) for k, v in med.items()}, "losses": losses}
+    if args.child == "pair":
+        out["remat_over_no_remat"] = round(med["remat"] / med["no_remat"], 3)
+        out["same_loss"] = losses["no_remat"] == losses["remat"]
+    return out
 
 
 def run_child(args, setting: str) -> dict:
@@ -156,25 +178,33 @@ def run_child(args, setting: str) -> dict:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.child:
-        print(json.dumps(pair_child(args) if args.child == "pair" else child(args)))
+        print(json.dumps(pair_child(args) if args.child in PAIRS else child(args)))
         return
     out = {}
     if args.only and os.path.exists(args.out):
         with open(args.out) as f:
             out = json.load(f)
-    if args.only != "pair":
-        out.update(memory_part(args))
-    if args.only != "memory":
+    if args.only in (None, "memory"):
+        out.update(memory_part(args, out.get("settings", [])))
+    if args.only in (None, "pair"):
         out["step_time_pair"] = run_child(args, "pair")
+    if args.only in (None, "micro-pair"):
+        out["micro_batch_step_time"] = run_child(args, "micro-pair")
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print("wrote", args.out)
 
 
-def memory_part(args) -> dict:
-    rows = []
-    for setting in MEMORY_SETTINGS:
-        rows.append(run_child(args, setting))
+def memory_part(args, old_rows) -> dict:
+    """The memory rows: the settings asked for are run, the other rows of `old_rows` kept."""
+    wanted = args.settings.split(",") if args.settings else list(MEMORY_SETTINGS)
+    unknown = set(wanted) - set(MEMORY_SETTINGS)
+    if unknown:
+        sys.exit(f"unknown --settings {sorted(unknown)}; expected some of {MEMORY_SETTINGS}")
+    kept = {row["setting"]: row for row in old_rows}
+    for setting in wanted:
+        kept[setting] = run_child(args, setting)
+    rows = [kept[s] for s in MEMORY_SETTINGS if s in kept]
     return {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
             "host": platform.node(), "cpus": os.cpu_count(), "settings": rows,
             "note": "peak RSS per process (load, compile, steps, 4-window evaluation per rate)"}

@@ -1,6 +1,7 @@
 """uniql_jax.pipeline.compress, the library form of `experiments.compress`: its settings reach the model."""
 
 import jax
+import pytest
 import numpy as np
 
 from uniql_jax import pipeline
@@ -47,3 +48,15 @@ def test_act_order_reaches_every_gptq_solve_and_the_report(monkeypatch):
     report = pipeline.compress(config)[3]
     assert report["act_order"] is True
     assert seen and all(seen), seen  # every linear and the tied head
+
+
+def test_finetune_micro_batch_splits_the_step_into_accumulated_micro_batches():
+    """`finetune_micro_batch` sets the training step's shape: FINETUNE_BATCH windows as
+    FINETUNE_BATCH / micro accumulated micro-batches (the report's train config); a size that
+    does not divide the step is refused before anything runs."""
+    config = pipeline.CompressConfig(**{**SMALL, "quantizer": "none"}, finetune_steps=1, finetune_micro_batch=2)
+    report = pipeline.compress(config, pipeline.load_inputs(config))[3]
+    train = report["finetune"]["config"]["train"]
+    assert (train["batch_size"], train["grad_accum"]) == (2, pipeline.FINETUNE_BATCH // 2)
+    with pytest.raises(ValueError, match="must divide"):
+        pipeline.CompressConfig(**SMALL, finetune_micro_batch=3)

@@ -41,6 +41,11 @@ from uniql_jax.quant.quantize import quantize
 
 log = logging.getLogger(__name__)
 
+# Windows per masked-LoRA step of `compress`, run as FINETUNE_BATCH // finetune_micro_batch accumulated
+# micro-batches: the same gradient (up to dropout), activation memory of one micro-batch (SmolLM2, 512
+# tokens: step temporaries 819 / 482 / 309 MiB at micro-batches of 8 / 4 / 2; benchmarks/cpu-finetune-memory-smollm2.json)
+FINETUNE_BATCH = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class CompressConfig:
@@ -65,6 +70,7 @@ class CompressConfig:
     finetune_steps: int = 0  # masked LoRA steps (0: no fine-tuning)
     finetune_data: str | None = None  # text or JSON-lines (Alpaca) file; None: the calibration stream
     finetune_lr: float = 1e-3  # peak learning rate of the LoRA adapters
+    finetune_micro_batch: int = 4  # windows per micro-batch of each FINETUNE_BATCH-window step (divides it)
     calib: str | None = None  # calibration data
     calib_samples: int = 64  # calibration windows
     seq_len: int = 256  # tokens per calibration / evaluation window
@@ -76,6 +82,11 @@ class CompressConfig:
     default_data: str | None = None  # dataset id whose @train / @test stand in for a missing calib / eval
     num_fewshot: int | None = None  # lm-eval few-shot examples (with tasks)
     limit: float | None = None  # lm-eval documents per task (with tasks; < 1: a fraction)
+
+    def __post_init__(self):
+        if self.finetune_micro_batch < 1 or FINETUNE_BATCH % self.finetune_micro_batch:
+            raise ValueError(f"finetune_micro_batch must divide the {FINETUNE_BATCH} windows of a step, "
+                             f"got {self.finetune_micro_batch}")
 
 
 @dataclasses.dataclass
@@ -244,7 +255,9 @@ def compress(config: CompressConfig, inputs: Inputs | None = None, *, tasks=None
         with timer.stage("finetune"):
             text = FinetuneData(source=config.finetune_data,
                                 tokens=None if config.finetune_data else inputs.calib_stream, tokenizer=inputs.tokenizer)
-            train = TrainConfig(steps=config.finetune_steps, lr=config.finetune_lr, seq_len=seq_len, seed=config.seed)
+            train = TrainConfig(steps=config.finetune_steps, lr=config.finetune_lr, seq_len=seq_len, seed=config.seed,
+                                batch_size=config.finetune_micro_batch,
+                                grad_accum=FINETUNE_BATCH // config.finetune_micro_batch)
             params, report["finetune"] = finetune_stage(cfg, params, table, text, train)
     if config.quantizer != "none":
         report["rates_16bit"] = evaluate_rates(cfg, params, table, eval_tokens, seq_len=seq_len)

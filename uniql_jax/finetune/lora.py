@@ -152,19 +152,16 @@ def lora_shapes(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig) -> tuple:
         for blk, bp in zip(cfg.blocks, params["blocks"]))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _init_lora(shapes: tuple, rank: int, seed: int) -> dict:
-    key = jax.random.PRNGKey(seed)
-    blocks = []
-    for i, block in enumerate(shapes):
-        adapters = {}
-        for j, (name, d_in, parts) in enumerate(block):
-            bound = 1.0 / math.sqrt(d_in)
-            A = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, i), j), (d_in, rank), F32,
-                                   -bound, bound)  # [d_in, r]
-            adapters[name] = {"A": A, "B": {p: jnp.zeros((rank, d_out), F32) for p, d_out in parts}}
-        blocks.append(adapters)
-    return {"blocks": blocks}
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _adapter_A(seed, block, adapter, d_in: int, rank: int):
+    """Adapter `adapter` of block `block`: A ~ U(−1/√d_in, 1/√d_in), float32 [d_in, r].
+
+    One small program per (d_in, r), reused by every block and seed: a single program drawing
+    every adapter of a 30-layer model compiled to about 200 MiB of resident memory that stayed
+    for the whole run (SmolLM2)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), block), adapter)
+    bound = 1.0 / math.sqrt(d_in)
+    return jax.random.uniform(key, (d_in, rank), F32, -bound, bound)
 
 
 def init_lora(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig = LoraConfig(), seed: int = 0) -> dict:
@@ -173,7 +170,11 @@ def init_lora(cfg: ModelConfig, params: dict, lora_cfg: LoraConfig = LoraConfig(
     A ~ U(−1/√d_in, 1/√d_in) (PEFT's kaiming-uniform default), B = 0: the merged model
     starts equal to `params`. Only the shapes of `params` are read.
     """
-    return _init_lora(lora_shapes(cfg, params, lora_cfg), int(lora_cfg.rank), int(seed))
+    rank = int(lora_cfg.rank)
+    return {"blocks": [{name: {"A": _adapter_A(seed, i, j, d_in, rank),
+                               "B": {p: jnp.zeros((rank, d_out), F32) for p, d_out in parts}}
+                        for j, (name, d_in, parts) in enumerate(block)}
+                       for i, block in enumerate(lora_shapes(cfg, params, lora_cfg))]}
 
 
 def merge(params: dict, lora: dict, lora_cfg: LoraConfig, dropout_key=None) -> dict:
