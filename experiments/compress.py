@@ -31,7 +31,7 @@ log = logging.getLogger("compress")
 
 def build_parser():
     import uniql_jax as uq
-    from uniql_jax.pipeline import FINETUNE_BATCH, CompressConfig
+    from uniql_jax.pipeline import FINETUNE_BATCH, FINETUNE_MICRO_BATCHES, CompressConfig
 
     p = common.Parser(prog="python -m experiments.compress", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=uq.ARCHS,
@@ -66,10 +66,11 @@ def build_parser():
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the LoRA adapters (default 1e-3)")
     micro = CompressConfig.finetune_micro_batch
     p.add_argument("--finetune-micro-batch", type=int, default=micro,
-                   choices=[m for m in range(1, FINETUNE_BATCH + 1) if FINETUNE_BATCH % m == 0],
+                   choices=FINETUNE_MICRO_BATCHES,
                    help=f"windows per micro-batch of each {FINETUNE_BATCH}-window fine-tuning step; the micro-batch "
                         "gradients are accumulated (the same gradient), and smaller micro-batches need less memory "
-                        f"(SmolLM2: 4 peaks at 2.12 GB against 2.56 GB for 8, at the same step time; 2 at 2.05 GB, +12 %% step time) (default {micro})")
+                        "(SmolLM2: 4 peaks at 2.12 GB against 2.56 GB for 8, at the same step time; 2 at 2.05 GB, "
+                        f"+12 %% step time) (default {micro})")
     p.add_argument("--calib", help="calibration text file or dataset id NAME[:CONFIG][@SPLIT] (default: the TinyStories "
                                    f"training part; with --model {WIKITEXT2}@train)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")

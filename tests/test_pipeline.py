@@ -1,8 +1,8 @@
 """uniql_jax.pipeline.compress, the library form of `experiments.compress`: its settings reach the model."""
 
 import jax
-import pytest
 import numpy as np
+import pytest
 
 from uniql_jax import pipeline
 from uniql_jax.compress.prune import prune

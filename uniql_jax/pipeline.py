@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # micro-batches: the same gradient (up to dropout), activation memory of one micro-batch (SmolLM2, 512
 # tokens: step temporaries 819 / 482 / 309 MiB at micro-batches of 8 / 4 / 2; benchmarks/cpu-finetune-memory-smollm2.json)
 FINETUNE_BATCH = 8
+FINETUNE_MICRO_BATCHES = tuple(m for m in range(1, FINETUNE_BATCH + 1) if FINETUNE_BATCH % m == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class CompressConfig:
     limit: float | None = None  # lm-eval documents per task (with tasks; < 1: a fraction)
 
     def __post_init__(self):
-        if self.finetune_micro_batch < 1 or FINETUNE_BATCH % self.finetune_micro_batch:
+        if self.finetune_micro_batch not in FINETUNE_MICRO_BATCHES:
             raise ValueError(f"finetune_micro_batch must divide the {FINETUNE_BATCH} windows of a step, "
                              f"got {self.finetune_micro_batch}")
 
